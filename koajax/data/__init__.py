@@ -1,0 +1,1 @@
+"""Knee radiograph data: synthetic generation, preprocessing, cache, splits, input pipeline."""
