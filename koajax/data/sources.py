@@ -1,0 +1,80 @@
+"""Turns a data config into a complete cache, generating or building it once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+from koajax.data import cache
+
+log = logging.getLogger(__name__)
+
+
+def data_root(cfg: ml_collections.ConfigDict) -> Path:
+  if cfg.root:
+    return Path(cfg.root).expanduser()
+  env = os.environ.get('KOAJAX_DATA_DIR')
+  return Path(env) if env else Path.home() / '.cache' / 'koajax'
+
+
+def _workers(cfg: ml_collections.ConfigDict) -> int | None:
+  return cfg.workers or None
+
+
+def synthetic_dir(cfg: ml_collections.ConfigDict) -> Path:
+  s = cfg.synthetic
+  return data_root(cfg) / f'synthetic-n{s.num_subjects}-s{s.seed}'
+
+
+def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
+  """Generates the synthetic dataset unless a complete one is there.
+
+  Generation writes to a temporary folder renamed into place when done, so an
+  interrupted run is simply generated again.
+  """
+  from koajax.data import synthetic
+  raw = synthetic_dir(cfg) / 'raw'
+  if (raw / 'manifest.csv').is_file():
+    return raw
+  partial = raw.with_name(f'raw.partial-{os.getpid()}')
+  shutil.rmtree(partial, ignore_errors=True)
+  log.info('Generating the synthetic dataset (%d subjects, seed %d) in %s',
+           cfg.synthetic.num_subjects, cfg.synthetic.seed, raw)
+  synthetic.generate(partial, num_subjects=cfg.synthetic.num_subjects,
+                     seed=cfg.synthetic.seed, workers=_workers(cfg))
+  os.replace(partial, raw)
+  return raw
+
+
+def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
+  """Returns the cache the config names, making it first if needed."""
+  from koajax.data import build
+  if cfg.source == 'cache':
+    if not cfg.cache_dir:
+      raise ValueError("data.source='cache' needs data.cache_dir")
+    return cache.open_cache(cfg.cache_dir)
+  if cfg.source == 'synthetic':
+    raw = ensure_synthetic(cfg)
+    manifest, landmarks = raw / 'manifest.csv', raw / 'landmarks.csv'
+    default_cache = synthetic_dir(cfg) / f'cache-roi{cfg.roi_px}'
+  elif cfg.source == 'manifest':
+    if not cfg.manifest:
+      raise ValueError("data.source='manifest' needs data.manifest")
+    manifest = Path(cfg.manifest).expanduser()
+    landmarks = (Path(cfg.landmarks).expanduser() if cfg.landmarks
+                 else manifest.with_name('landmarks.csv'))
+    default_cache = manifest.with_name(f'koajax-cache-roi{cfg.roi_px}')
+  else:
+    raise ValueError(f'unknown data.source {cfg.source!r}; '
+                     "use 'synthetic', 'manifest' or 'cache'")
+  cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache
+  if not cache.is_complete(cache_dir):
+    log.info('Building the knee cache in %s', cache_dir)
+    build.build_cache(manifest, cache_dir, landmarks=landmarks,
+                      roi_mm=cfg.roi_mm, roi_px=cfg.roi_px,
+                      workers=_workers(cfg))
+  return cache.open_cache(cache_dir)

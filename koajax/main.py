@@ -1,0 +1,34 @@
+"""koajax's entry point: `python -m koajax.main --config=configs/X.py[:preset] --workdir=DIR`.
+
+Kept short on purpose: it parses flags and calls one library function chosen
+by `config.job`; the logic lives in modules that tests import.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, optionally FILE:preset.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for outputs (metrics, plots, checkpoints).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Library code logs through the standard logging module; show its INFO too.
+  logging.set_verbosity(logging.INFO)
+  config = _CONFIG.value
+  if config.job == 'prepare_data':
+    from koajax import prepare
+    prepare.prepare_data(config, _WORKDIR.value)
+  else:
+    raise app.UsageError(f'config.job={config.job!r} is not a koajax job')
+
+
+if __name__ == '__main__':
+  app.run(main)
