@@ -1,0 +1,168 @@
+"""Siamese networks over a (lateral, mirrored medial) pair of knee patches.
+
+Both patches go through one shared branch; the two feature vectors are
+concatenated and classified. Input: (B, 2, H, W) float, the two patches of a
+knee as made by `koajax.data.views.siamese_pair` and normalised to [-1, 1].
+
+Two backbones:
+  * `SemixupNet`: the Semixup paper's network ("ours", Suppl. Table S2): VGG-like
+    conv blocks with instance norm and LeakyReLU(0.2), dropout between groups,
+    then GAP or separable adaptive max-pooling (SAM-VH / SAM-HV).
+  * `KneeNet`: the Tiulpin et al. 2018 baseline: valid convolutions, batch norm,
+    ReLU, max-pooling between groups, average pooling.
+
+Dropout keys are passed at call time (`rngs=`), so the modules hold no RNG
+state and a pure train step can split/merge them freely.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Pooling = Literal['gap', 'sam_vh', 'sam_hv']
+_NORMAL_002 = jax.nn.initializers.normal(0.02)
+
+
+class ConvBlock(nnx.Module):
+  """3x3 conv (no bias) -> norm -> activation."""
+
+  def __init__(self, cin: int, cout: int, *, stride: int = 1,
+               padding: str | int = 1, norm: str = 'instance',
+               negative_slope: float = 0.2, kernel_size: int = 3,
+               kernel_init=_NORMAL_002, rngs: nnx.Rngs):
+    pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
+    self.conv = nnx.Conv(cin, cout, (kernel_size, kernel_size),
+                         strides=stride, padding=pad, use_bias=False,
+                         kernel_init=kernel_init, rngs=rngs)
+    if norm == 'instance':
+      # The reference network's InstanceNorm2d has no affine parameters.
+      self.norm = nnx.InstanceNorm(cout, epsilon=1e-5, use_bias=False,
+                                   use_scale=False, rngs=rngs)
+    elif norm == 'batch':
+      # PyTorch momentum 0.1 is Flax momentum 0.9.
+      self.norm = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9, rngs=rngs)
+    else:
+      raise ValueError(f'unknown norm {norm!r}')
+    self.negative_slope = negative_slope
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = self.conv(x)
+    if isinstance(self.norm, nnx.BatchNorm):
+      x = self.norm(x, use_running_average=not train)
+    else:
+      x = self.norm(x)
+    return jax.nn.leaky_relu(x, self.negative_slope)
+
+
+class SeparableMaxPool(nnx.Module):
+  """SAM: max over one axis, 1x1 conv + IN + LeakyReLU, max over the other.
+
+  order='hv' pools along the width first (a (1 x W) window), 'vh' along the
+  height first. With the feature map H/8 wide, the reference windows of
+  H/8 cover the whole axis, so a full reduction is the same operation.
+  """
+
+  def __init__(self, channels: int, order: str, *, rngs: nnx.Rngs):
+    if order not in ('hv', 'vh'):
+      raise ValueError(f'order must be hv or vh, got {order!r}')
+    self.block = ConvBlock(channels, channels, kernel_size=1, padding=0,
+                           rngs=rngs)
+    self.axes = (2, 1) if order == 'hv' else (1, 2)  # NHWC
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    first, second = self.axes
+    x = jnp.max(x, axis=first, keepdims=True)
+    x = self.block(x, train=train)
+    return jnp.max(x, axis=second, keepdims=True).reshape(x.shape[0], -1)
+
+
+class SemixupNet(nnx.Module):
+  """The Semixup Siamese network (widths 32-64-128-256, 128 px patches)."""
+
+  def __init__(self, *, pooling: Pooling = 'sam_hv', width: int = 32,
+               dropout: float = 0.35, num_classes: int = 5,
+               rngs: nnx.Rngs):
+    w = width
+    # (cin, cout, stride) per block; groups end after blocks 3, 5 and 7.
+    plan = [(1, w, 1), (w, w, 1), (w, w, 1),
+            (w, 2 * w, 2), (2 * w, 2 * w, 1),
+            (2 * w, 4 * w, 2), (4 * w, 4 * w, 1),
+            (4 * w, 8 * w, 2), (8 * w, 8 * w, 1)]
+    self.blocks = nnx.List([ConvBlock(i, o, stride=s, rngs=rngs)
+                            for i, o, s in plan])
+    self.group_ends = (2, 4, 6)
+    self.pooling = pooling
+    if pooling == 'gap':
+      self.pool = None
+    else:
+      self.pool = SeparableMaxPool(8 * w, pooling.split('_')[1], rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+    # The reference head is a 1x1 convolution without bias on the pooled map.
+    self.head = nnx.Linear(16 * w, num_classes, use_bias=False,
+                           kernel_init=_NORMAL_002, rngs=rngs)
+
+  def features(self, patches: jax.Array, *, train: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    """(N, H, W, 1) patches -> (N, 8w) features."""
+    x = patches
+    for i, block in enumerate(self.blocks):
+      x = block(x, train=train)
+      if i in self.group_ends:
+        x = self.dropout(x, deterministic=not train, rngs=rngs)
+    if self.pool is None:
+      return jnp.mean(x, axis=(1, 2))
+    return self.pool(x, train=train)
+
+  def __call__(self, pairs: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    return _siamese_logits(self, pairs, train=train, rngs=rngs)
+
+
+class KneeNet(nnx.Module):
+  """Tiulpin et al. 2018 Siamese baseline (DeepKnee), width 64."""
+
+  def __init__(self, *, width: int = 64, dropout: float = 0.2,
+               num_classes: int = 5, rngs: nnx.Rngs):
+    w = width
+    kaiming = jax.nn.initializers.he_uniform()
+    block = lambda i, o, s: ConvBlock(i, o, stride=s, padding=0, norm='batch',
+                                      negative_slope=0.0, kernel_init=kaiming,
+                                      rngs=rngs)
+    self.blocks = nnx.List([block(1, w, 2), block(w, w, 1), block(w, w, 1),
+                            block(w, 2 * w, 1), block(2 * w, 2 * w, 1),
+                            block(2 * w, 4 * w, 1)])
+    self.pool_after = (2, 4)  # 2x2 max-pooling after these blocks
+    self.dropout = nnx.Dropout(dropout)
+    self.head = nnx.Linear(8 * w, num_classes, kernel_init=kaiming, rngs=rngs)
+
+  def features(self, patches: jax.Array, *, train: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    del rngs  # the branch has no dropout
+    x = patches
+    for i, block in enumerate(self.blocks):
+      x = block(x, train=train)
+      if i in self.pool_after:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    # Average pooling over the remaining (10 x 10 for 128 px) map.
+    return jnp.mean(x, axis=(1, 2))
+
+  def __call__(self, pairs: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    return _siamese_logits(self, pairs, train=train, rngs=rngs)
+
+
+def _siamese_logits(model, pairs: jax.Array, *, train: bool,
+                    rngs: nnx.Rngs | None) -> jax.Array:
+  """Runs the shared branch once over both patches of every knee."""
+  if pairs.ndim != 4 or pairs.shape[1] != 2:
+    raise ValueError(f'expected (batch, 2, H, W) patch pairs, got {pairs.shape}')
+  b, _, h, w = pairs.shape
+  # One pass over 2B patches is cheaper than two passes over B.
+  feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train, rngs=rngs)
+  feats = feats.reshape(b, 2 * feats.shape[-1])  # [lateral | medial]
+  feats = model.dropout(feats, deterministic=not train, rngs=rngs)
+  return model.head(feats)
