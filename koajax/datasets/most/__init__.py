@@ -1,0 +1,1 @@
+"""TFDS builder 'most' (Multicenter Osteoarthritis Study knee radiographs)."""

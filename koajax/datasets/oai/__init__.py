@@ -1,0 +1,1 @@
+"""TFDS builder 'oai' (Osteoarthritis Initiative knee radiographs)."""
