@@ -1,0 +1,415 @@
+"""Synthetic knee radiograph dataset: the default data of koajax.
+
+Writes bilateral posterior-anterior knee radiographs as 16-bit DICOM files
+with the files koajax reads from any dataset:
+
+  manifest.csv   one row per knee (schema.MANIFEST_COLUMNS) with the grades a
+                 reader recorded; both knees of an image share its path
+  landmarks.csv  16 points per knee (schema.LANDMARK_COLUMNS), pixel
+                 coordinates of the knee's DICOM
+  truth.csv      the noise-free grades rendered into the pixels, plus the
+                 continuous severity and joint-space widths (mm)
+  images/<subject_id>/v<visit>.dcm
+
+Subjects have both knees and several visits at one site; disease never
+regresses and tends to progress (see `grading`). Sites differ in detector,
+spacing tags, rescale, tone curve, noise and photometric interpretation.
+Every image is seeded from (seed, image index), so a seed reproduces the
+files byte for byte whatever the number of workers.
+
+Usage:
+
+  python -m koajax.data.synthetic --out=/tmp/synth --num_subjects=560 --seed=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from koajax.data import anatomy
+from koajax.data import grading
+from koajax.data import schema
+
+DEFAULT_NUM_SUBJECTS = 560  # about 3,000 knees with the default visits
+MANIFEST = 'manifest.csv'
+LANDMARKS = 'landmarks.csv'
+TRUTH = 'truth.csv'
+
+CR_STORAGE = '1.2.840.10008.5.1.4.1.1.1'
+DX_STORAGE = '1.2.840.10008.5.1.4.1.1.1.1'  # Digital X-Ray, for presentation
+
+# Distinct streams of randomness derived from the user's seed.
+_COHORT, _SUBJECT, _IMAGE = 101, 202, 303
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """An acquisition site: detector, DICOM conventions and image quality."""
+  modality: str  # 'CR' or 'DX'
+  photometric: str  # MONOCHROME1 stores bone dark
+  bits: int
+  spacing: float  # mm per pixel
+  spacing_tags: tuple[str, ...]  # ImagerPixelSpacing and/or PixelSpacing
+  rescale: tuple[float, float]  # slope, intercept
+  fov: tuple[float, float]  # width, height in mm
+  contrast: float
+  gamma: float
+  noise: float
+  collimation: float  # probability that collimator blades show
+  manufacturer: str
+
+
+SITES = {
+    'A': Site('CR', 'MONOCHROME1', 12, 0.20, ('ImagerPixelSpacing',),
+              (1.0, 0.0), (305.0, 152.0), 1.0, 1.0, 0.014, 0.3,
+              'Synthetic Phosphor Co'),
+    'B': Site('DX', 'MONOCHROME2', 14, 0.175,
+              ('ImagerPixelSpacing', 'PixelSpacing'), (1.0, 0.0),
+              (300.0, 150.0), 1.1, 0.85, 0.010, 0.0, 'Synthetic Flat Panel'),
+    'C': Site('CR', 'MONOCHROME2', 12, 0.19, ('PixelSpacing',),
+              (2.0, -1000.0), (305.0, 152.0), 0.9, 1.2, 0.018, 0.5,
+              'Synthetic Phosphor Co'),
+    'D': Site('DX', 'MONOCHROME1', 16, 0.16, ('ImagerPixelSpacing',),
+              (0.5, 512.0), (300.0, 150.0), 1.05, 0.95, 0.009, 0.1,
+              'Synthetic Digital Radiography'),
+    'E': Site('CR', 'MONOCHROME2', 12, 0.17,
+              ('ImagerPixelSpacing', 'PixelSpacing'), (1.0, 0.0),
+              (305.0, 153.0), 0.95, 1.1, 0.015, 0.2, 'Synthetic Imaging'),
+}
+
+# Distinctive fake names: a pipeline that leaks them is easy to catch.
+_NAME_WORDS = (
+    'ALDER', 'BIRCH', 'CEDAR', 'DAHLIA', 'ELM', 'FERN', 'GORSE', 'HAZEL',
+    'IRIS', 'JUNIPER', 'KELP', 'LARCH', 'MAPLE', 'NETTLE', 'OAK', 'POPPY',
+    'QUINCE', 'ROWAN', 'SORREL', 'TANSY', 'UMBER', 'VETCH', 'WILLOW', 'YARROW',
+    'ZINNIA', 'ASPEN', 'BRACKEN', 'CLOVER', 'DOGWOOD', 'HEATHER')
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+  """Everything a worker needs to render and write one radiograph."""
+  index: int
+  path: str  # relative to the output directory
+  seed: int
+  subject: int  # cohort index (for the knee shapes)
+  visit: int
+  site: str
+  severity: tuple[float, float]  # R, L
+  levels: tuple[tuple[float, ...], tuple[float, ...]]  # R, L
+  identity: dict[str, str]  # DICOM patient and study fields
+
+
+def _seed_sequence(*key: int) -> np.random.SeedSequence:
+  return np.random.SeedSequence([int(k) for k in key])
+
+
+def knee_shapes(seed: int, subject: int) -> dict[str, anatomy.KneeShape]:
+  """The two knees of a subject: one body, two slightly different knees."""
+  rng = np.random.default_rng(_seed_sequence(_SUBJECT, seed, subject))
+  body = anatomy.sample_shape(rng)
+  shapes = {}
+  for side in schema.SIDES:
+    own = anatomy.sample_shape(rng)
+    shapes[side] = dataclasses.replace(
+        own, size=body.size * float(1 + rng.normal(0, 0.01)),
+        leg_half_width=body.leg_half_width, fat=body.fat,
+        density=body.density)
+  return shapes
+
+
+def _detector(site: Site, rng: np.random.Generator) -> anatomy.Detector:
+  """Per-image variation of exposure and processing around the site's."""
+  collimation = (0.0,) * 4
+  if rng.random() < site.collimation:
+    collimation = tuple(rng.uniform(2.0, 9.0, 2)) + tuple(
+        rng.uniform(0.0, 6.0, 2))
+
+  def jitter(sd: float) -> float:
+    return float(1 + np.clip(rng.normal(0, sd), -3 * sd, 3 * sd))
+
+  return anatomy.Detector(
+      spacing=site.spacing, width_mm=site.fov[0], height_mm=site.fov[1],
+      bits=site.bits, contrast=site.contrast * jitter(0.05),
+      gamma=site.gamma * jitter(0.04), noise=site.noise * jitter(0.15),
+      signal_range=3.6 * jitter(0.04), black=0.04 * jitter(0.3),
+      heel=float(rng.normal(0, 0.15)), texture=0.3 * jitter(0.1),
+      collimation=collimation)
+
+
+def render_task(task: ImageTask) -> tuple[np.ndarray, np.ndarray, Site]:
+  """Renders one image: (stored MONOCHROME2 pixels, landmarks (2, 16, 2))."""
+  site = SITES[task.site]
+  rng = np.random.default_rng(_seed_sequence(_IMAGE, task.seed, task.index))
+  detector = _detector(site, rng)
+  shapes = knee_shapes(task.seed, task.subject)
+  knees = []
+  for i, side in enumerate(schema.SIDES):
+    knees.append(anatomy.Knee(
+        side=side, shape=shapes[side],
+        disease=anatomy.Disease(task.severity[i], task.levels[i]),
+        pose=anatomy.sample_pose(rng, side, detector)))
+  pixels, points = anatomy.render(knees, detector, rng)
+  return pixels, points, site
+
+
+def _dicom(task: ImageTask, pixels: np.ndarray, site: Site) -> pydicom.Dataset:
+  """A CR or DX dataset around `pixels` (bone bright)."""
+  entropy = [str(task.seed), str(task.subject), str(task.visit)]
+  study_uid = generate_uid(entropy_srcs=entropy + ['study'])
+  instance_uid = generate_uid(entropy_srcs=entropy + ['image'])
+  sop_class = CR_STORAGE if site.modality == 'CR' else DX_STORAGE
+
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = sop_class
+  meta.MediaStorageSOPInstanceUID = instance_uid
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = pydicom.Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = sop_class
+  ds.SOPInstanceUID = instance_uid
+  ds.StudyInstanceUID = study_uid
+  ds.SeriesInstanceUID = generate_uid(entropy_srcs=entropy + ['series'])
+  ds.Modality = site.modality
+  for key, value in task.identity.items():
+    setattr(ds, key, value)
+  ds.SeriesDate = ds.ContentDate = ds.StudyDate
+  ds.SeriesNumber, ds.InstanceNumber = 1, 1
+  ds.StudyDescription = 'XR KNEE BILATERAL PA STANDING'
+  ds.BodyPartExamined = 'KNEE'
+  ds.ViewPosition = 'PA'
+  ds.ImageLaterality = 'B'
+  ds.PatientOrientation = ['L', 'F']  # columns to the patient's left
+  ds.Manufacturer = site.manufacturer
+  ds.InstitutionName = f'Synthetic Knee Centre {task.site}'
+  ds.ImageType = ['ORIGINAL', 'PRIMARY']
+  if site.modality == 'DX':
+    ds.PresentationIntentType = 'FOR PRESENTATION'
+  spacing = [f'{site.spacing:.4f}'] * 2
+  for tag in site.spacing_tags:
+    setattr(ds, tag, spacing)
+
+  top = 2**site.bits - 1
+  stored = top - pixels if site.photometric == 'MONOCHROME1' else pixels
+  ds.set_pixel_data(np.ascontiguousarray(stored, np.uint16),
+                    photometric_interpretation=site.photometric,
+                    bits_stored=site.bits, generate_instance_uid=False)
+  slope, intercept = site.rescale
+  ds.RescaleSlope, ds.RescaleIntercept = f'{slope:g}', f'{intercept:g}'
+  ds.RescaleType = 'US'
+  lo, hi = np.percentile(stored[::8, ::8], [2, 99.5])
+  ds.WindowCenter = f'{slope * (lo + hi) / 2 + intercept:.1f}'
+  ds.WindowWidth = f'{slope * (hi - lo):.1f}'
+  return ds
+
+
+def _run_task(args: tuple[ImageTask, str]) -> tuple[int, np.ndarray]:
+  """Worker entry: renders and writes one DICOM, returns its landmarks."""
+  task, out_dir = args
+  pixels, points, site = render_task(task)
+  path = Path(out_dir) / task.path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _dicom(task, pixels, site).save_as(path, enforce_file_format=True)
+  return task.index, points
+
+
+def _identities(rng: np.random.Generator,
+                n: int) -> list[tuple[str, str, str, datetime.date]]:
+  """Fake patient name, id, sex, birth date and baseline study date."""
+  out = []
+  for _ in range(n):
+    name = 'SYNTH^' + '-'.join(rng.choice(_NAME_WORDS, 2))
+    patient_id = 'SYN' + ''.join(rng.choice(list('0123456789ABCDEF'), 8))
+    birth = datetime.date(1935, 1, 1) + datetime.timedelta(
+        days=int(rng.integers(0, 30 * 365)))
+    baseline = datetime.date(2004, 2, 1) + datetime.timedelta(
+        days=int(rng.integers(0, 900)))
+    sex = 'F' if rng.random() < 0.58 else 'M'
+    out.append((name, patient_id, sex, birth, baseline))
+  return out
+
+
+def _visit_identity(person: tuple[Any, ...], visit: int,
+                    rng: np.random.Generator) -> dict[str, str]:
+  name, patient_id, sex, birth, baseline = person
+  date = baseline + datetime.timedelta(
+      days=int(round(visit * 30.44 + rng.normal(0, 10))))
+  age = (date - birth).days // 365
+  return {
+      'PatientName': name, 'PatientID': patient_id, 'PatientSex': sex,
+      'PatientBirthDate': birth.strftime('%Y%m%d'),
+      'PatientAge': f'{age:03d}Y',
+      'StudyDate': date.strftime('%Y%m%d'),
+      'StudyTime': f'{int(rng.integers(8, 18)):02d}'
+                   f'{int(rng.integers(0, 60)):02d}00',
+      'AccessionNumber': f'AX{int(rng.integers(10**7, 10**8))}',
+      'StudyID': f'{visit:02d}',
+  }
+
+
+def _config(options: dict[str, Any]) -> grading.CohortConfig:
+  fields = {f.name for f in dataclasses.fields(grading.CohortConfig)}
+  unknown = set(options) - fields
+  if unknown:
+    raise TypeError(
+        f'Unknown options {sorted(unknown)}; known: {sorted(fields)}')
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in options.items()}
+  if 'sites' in options and 'site_weights' not in options:
+    options['site_weights'] = (1.0,) * len(options['sites'])
+  config = grading.CohortConfig(**options)
+  missing = set(config.sites) - set(SITES)
+  if missing:
+    raise ValueError(f'Unknown sites {sorted(missing)}; known: {sorted(SITES)}')
+  return config
+
+
+def plan(num_subjects: int, seed: int = 0,
+         **options: Any) -> tuple[pd.DataFrame, list[ImageTask]]:
+  """Samples the cohort: the knee table and one task per image.
+
+  Args:
+    num_subjects: number of subjects.
+    seed: the dataset's seed.
+    **options: fields of `grading.CohortConfig`.
+
+  Returns:
+    (knees, tasks): a DataFrame with one row per knee (ids, site, path,
+    recorded and true grades, severity, joint-space widths) and the image
+    tasks in image order.
+  """
+  config = _config(options)
+  rng = np.random.default_rng(_seed_sequence(_COHORT, seed))
+  cohort = grading.sample_cohort(rng, num_subjects, config)
+  ids = rng.choice(10**6, size=num_subjects, replace=False)
+  subject_ids = np.array([f'9{i:06d}' for i in ids])
+  people = _identities(rng, num_subjects)
+
+  knees = pd.DataFrame({
+      'subject_id': subject_ids[cohort['subject']],
+      'visit': cohort['visit'],
+      'side': cohort['side'],
+      'site': cohort['site'],
+      'subject': cohort['subject'],
+      'severity': cohort['severity'],
+  })
+  knees['path'] = [f'images/{s}/v{v:02d}.dcm'
+                   for s, v in zip(knees.subject_id, knees.visit)]
+  for j, name in enumerate(schema.GRADES):
+    knees[name] = pd.array(
+        np.where(cohort['recorded'][:, j] == schema.UNGRADED, None,
+                 cohort['recorded'][:, j]), dtype='Int64')
+    knees['true_' + name] = cohort['true'][:, j]
+
+  tasks = []
+  # Knees come sorted by subject, visit, side: rows 2i and 2i+1 are image i.
+  for index in range(len(knees) // 2):
+    r, l = 2 * index, 2 * index + 1
+    row = knees.iloc[r]
+    tasks.append(ImageTask(
+        index=index, path=row.path, seed=seed, subject=int(row.subject),
+        visit=int(row.visit), site=str(row.site),
+        severity=(float(cohort['severity'][r]), float(cohort['severity'][l])),
+        levels=(tuple(map(float, cohort['levels'][r])),
+                tuple(map(float, cohort['levels'][l]))),
+        identity=_visit_identity(people[int(row.subject)], int(row.visit),
+                                 rng)))
+  shapes = {}
+  jsw = []
+  for s, side, lv in zip(cohort['subject'], cohort['side'], cohort['levels']):
+    if s not in shapes:
+      shapes[s] = knee_shapes(seed, int(s))
+    jsw.append(anatomy.joint_space(shapes[s][side],
+                                   anatomy.Disease(levels=tuple(lv))))
+  knees['jsw_l_mm'], knees['jsw_m_mm'] = np.array(jsw).T
+  return knees, tasks
+
+
+def _run(tasks: list[ImageTask], out_dir: Path,
+         workers: int) -> Iterator[tuple[int, np.ndarray]]:
+  jobs = [(task, str(out_dir)) for task in tasks]
+  if workers <= 1:
+    yield from map(_run_task, jobs)
+    return
+  # Spawned workers are safe whatever threads the parent (e.g. JAX) runs.
+  with multiprocessing.get_context('spawn').Pool(workers) as pool:
+    yield from pool.imap_unordered(_run_task, jobs, chunksize=4)
+
+
+def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
+             seed: int = 0, workers: int | None = None,
+             **options: Any) -> dict[str, Any]:
+  """Generates the synthetic dataset in `out_dir`.
+
+  Args:
+    out_dir: output directory (created if needed).
+    num_subjects: number of subjects (each ~2.75 visits x 2 knees).
+    seed: the seed; equal seeds give byte-identical files.
+    workers: worker processes (default: all CPUs); results do not depend on it.
+    **options: fields of `grading.CohortConfig`, e.g. reader_noise=0.4,
+      ungraded_fraction=0.5, visits=(0, 12) with attendance=(1.0, 0.8).
+
+  Returns:
+    A summary: knees, images, subjects, seconds, bytes.
+  """
+  start = time.perf_counter()
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  knees, tasks = plan(num_subjects, seed, **options)
+  if workers is None:
+    workers = os.cpu_count() or 1
+  points = np.zeros((len(tasks), len(schema.SIDES), schema.NUM_LANDMARKS, 2))
+  for index, p in _run(tasks, out_dir, workers):
+    points[index] = p
+
+  knees[list(schema.MANIFEST_COLUMNS)].to_csv(out_dir / MANIFEST, index=False)
+  coords = pd.DataFrame(points.reshape(len(knees), -1).round(3),
+                        columns=list(schema.LANDMARK_COLUMNS[3:]))
+  pd.concat([knees[list(schema.ID_COLUMNS)], coords], axis=1).to_csv(
+      out_dir / LANDMARKS, index=False)
+  truth = knees[list(schema.ID_COLUMNS) + ['site']].copy()
+  for name in schema.GRADES:
+    truth[name] = knees['true_' + name]
+  truth['severity'] = knees['severity'].round(4)
+  truth[['jsw_l_mm', 'jsw_m_mm']] = knees[['jsw_l_mm', 'jsw_m_mm']].round(3)
+  truth.to_csv(out_dir / TRUTH, index=False)
+  size = sum((out_dir / t.path).stat().st_size for t in tasks)
+  return {'knees': len(knees), 'images': len(tasks), 'subjects': num_subjects,
+          'seconds': round(time.perf_counter() - start, 2), 'bytes': size}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--num_subjects', type=int, default=DEFAULT_NUM_SUBJECTS)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workers', type=int, default=None)
+  parser.add_argument('--reader_noise', type=float, default=None,
+                      help='reader error scale (default: kappa ~0.8)')
+  parser.add_argument('--ungraded_fraction', type=float, default=None,
+                      help='share of subjects without grades')
+  args = parser.parse_args(argv)
+  options = {k: getattr(args, k) for k in ('reader_noise', 'ungraded_fraction')
+             if getattr(args, k) is not None}
+  summary = generate(args.out, num_subjects=args.num_subjects, seed=args.seed,
+                     workers=args.workers, **options)
+  print(json.dumps(summary))
+  return summary
+
+
+if __name__ == '__main__':
+  main()
