@@ -207,7 +207,9 @@ def open_cache(cache_dir: str | os.PathLike) -> Cache:
     raise IncompleteCacheError(
         f'{d} has cache format {meta.get("format_version")}, this koajax '
         f'reads {FORMAT_VERSION}; rebuild it')
-  index = pd.read_csv(d / INDEX, dtype={'subject_id': str, 'site': str})
+  # Ids and sites are text even when they look numeric or are empty.
+  index = pd.read_csv(d / INDEX, dtype={'knee_id': str, 'subject_id': str, 'side': str, 'site': str},
+                      keep_default_na=False)
   if len(index) != meta['num_knees']:
     raise IncompleteCacheError(
         f'{d / INDEX} has {len(index)} rows, meta says {meta["num_knees"]}')

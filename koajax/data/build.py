@@ -1,0 +1,410 @@
+"""Builds the knee cache from a manifest of DICOM radiographs.
+
+  python -m koajax.data.build --manifest=PATH --out=DIR \\
+      [--landmarks=PATH] [--roi_mm=140] [--roi_px=400] [--workers=N] [--strict]
+
+Each radiograph is read once for all its knees (a bilateral film has two),
+files are processed in parallel, and the cache lists knees in a fixed order:
+files by their first row in the manifest, then knees in manifest order.
+
+Nothing unusable stops the build: every manifest row or file that cannot be
+used is logged on one line, named with its reason, and listed in
+DIR/summary.json with per-reason counts. The build fails (`BuildError`, exit
+status 1) only when no knee could be built, or, with --strict, when anything
+was skipped; a failed build leaves no cache that `cache.open_cache` accepts.
+Unreadable manifest or landmarks files are fatal before anything is touched
+(exit status 2), so an existing cache survives them.
+
+`iter_knees` is the build without the writing, for other dataset writers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tqdm
+from tqdm.contrib import logging as tqdm_logging
+
+from koajax.data import cache
+from koajax.data import dicom_io
+from koajax.data import manifest as manifest_lib
+from koajax.data import preprocess
+from koajax.data import schema
+
+log = logging.getLogger(__name__)
+
+LANDMARKS_NAME = 'landmarks.csv'  # default, beside the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """An input that was not built, and why.
+
+  Attributes:
+    where: the file path, or 'manifest row N (subject, visit, side)'.
+    reason: what is wrong, in words a user can act on.
+    kind: short category for counting ('missing_file', 'no_landmarks', ...).
+    knees: ids of the knees lost (two for an unusable bilateral film).
+  """
+  where: str
+  reason: str
+  kind: str = 'other'
+  knees: tuple[str, ...] = ()
+
+  @property
+  def num_knees(self) -> int:
+    return max(1, len(self.knees))
+
+  def __str__(self) -> str:
+    return f'skipped {self.where}: {self.reason}'
+
+
+class BuildError(RuntimeError):
+  """The build produced no usable cache; `summary` says why."""
+
+  def __init__(self, message: str, summary: dict[str, Any]):
+    super().__init__(message)
+    self.summary = summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _KneeTask:
+  row: int
+  subject_id: str
+  visit: int
+  side: str
+  site: str
+  grades: tuple[int, ...]
+  landmarks: np.ndarray
+
+  @property
+  def knee_id(self) -> str:
+    return schema.knee_id(self.subject_id, self.visit, self.side)
+
+  @property
+  def where(self) -> str:
+    return _row_label(self.row, self.subject_id, self.visit, self.side)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileTask:
+  path: str
+  knees: tuple[_KneeTask, ...]
+
+
+def _row_label(row: int, subject_id: str, visit: int, side: str) -> str:
+  visit_text = str(visit) if visit >= 0 else '?'
+  return f'manifest row {row} ({subject_id}, {visit_text}, {side})'
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+  text = ' '.join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _landmark_problem(landmarks: np.ndarray, shape: tuple[int, int]) -> str:
+  """Why these landmarks cannot belong to an image of `shape`, or ''."""
+  if not np.isfinite(landmarks).all():
+    return 'landmarks contain empty or non-numeric values'
+  rows, cols = shape
+  outside = ((landmarks[:, 0] < -0.5) | (landmarks[:, 0] > cols - 0.5) |
+             (landmarks[:, 1] < -0.5) | (landmarks[:, 1] > rows - 0.5))
+  if outside.any():
+    i = int(np.argmax(outside))
+    x, y = landmarks[i]
+    return (f'landmark {i} at ({x:.1f}, {y:.1f}) is outside the {cols}x{rows}'
+            ' image; landmarks must be in pixels of the image file')
+  return ''
+
+
+def _process_file(task: _FileTask, *, roi_mm: float,
+                  roi_px: int) -> list[cache.Knee | Skipped]:
+  """Reads one radiograph and extracts each of its knees (worker side)."""
+  ids = tuple(k.knee_id for k in task.knees)
+  try:
+    image, spacing = dicom_io.read_radiograph(task.path)
+  except dicom_io.InputError as e:
+    return [Skipped(task.path, e.reason, e.kind, ids)]
+  except Exception as e:  # pylint: disable=broad-except
+    # One odd file must not end a build of thousands; it is reported instead.
+    return [Skipped(task.path, _one_line(
+        f'unexpected error reading the file: {type(e).__name__}: {e}'),
+                    'unexpected', ids)]
+  background = preprocess.background_level(image)
+  return [_extract(knee, task.path, image, spacing, background,
+                   roi_mm=roi_mm, roi_px=roi_px) for knee in task.knees]
+
+
+def _extract(knee: _KneeTask, path: str, image: np.ndarray,
+             spacing: tuple[float, float], background: float, *,
+             roi_mm: float, roi_px: int) -> cache.Knee | Skipped:
+  problem = _landmark_problem(knee.landmarks, image.shape)
+  if problem:
+    return Skipped(knee.where, f'{problem} ({path})', 'bad_landmarks',
+                   (knee.knee_id,))
+  try:
+    roi, keypoints = preprocess.extract_roi(
+        image, spacing, knee.landmarks, knee.side, roi_mm=roi_mm,
+        roi_px=roi_px, background=background)
+  except Exception as e:  # pylint: disable=broad-except
+    # ValueError is the documented "unusable knee"; anything else is
+    # unexpected but still costs one knee, not the build.
+    known = isinstance(e, ValueError)
+    reason = str(e) if known else f'unexpected error: {type(e).__name__}: {e}'
+    return Skipped(knee.where, _one_line(f'{reason} ({path})'),
+                   'preprocessing' if known else 'unexpected', (knee.knee_id,))
+  return cache.Knee(
+      subject_id=knee.subject_id, visit=knee.visit, side=knee.side,
+      site=knee.site, image=roi, keypoints=keypoints,
+      grades=np.asarray(knee.grades, np.int8))
+
+
+def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
+                                                np.ndarray],
+          landmarks_name: str) -> tuple[list[Skipped], list[_FileTask]]:
+  """Row-level skips, and the files to read with their knees."""
+  skipped: list[Skipped] = []
+  by_path: dict[str, list[_KneeTask]] = {}
+  for r in df.itertuples(index=False):
+    label = _row_label(r.row, r.subject_id, r.visit, r.side)
+    knee_ids = ((schema.knee_id(r.subject_id, r.visit, r.side),)
+                if r.visit >= 0 else ())
+    if getattr(r, manifest_lib.PROBLEM):
+      skipped.append(Skipped(label, getattr(r, manifest_lib.PROBLEM),
+                             getattr(r, manifest_lib.PROBLEM_KIND), knee_ids))
+      continue
+    points = landmarks.get((r.subject_id, r.visit, r.side))
+    if points is None:
+      skipped.append(Skipped(
+          label, f'no landmarks for this knee; add it to {landmarks_name}',
+          'no_landmarks', knee_ids))
+      continue
+    by_path.setdefault(os.path.normpath(r.path), []).append(_KneeTask(
+        row=r.row, subject_id=r.subject_id, visit=r.visit, side=r.side,
+        site=r.site, grades=tuple(getattr(r, g) for g in schema.GRADES),
+        landmarks=np.asarray(points, np.float64)))
+  tasks = [_FileTask(path, tuple(knees)) for path, knees in by_path.items()]
+  return skipped, tasks
+
+
+def default_workers() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+_Result = list[cache.Knee | Skipped]
+
+
+def _run(tasks: Sequence[_FileTask], work: Callable[[_FileTask], _Result],
+         workers: int) -> Iterator[_Result]:
+  """Results of `work` per task, in task order."""
+  workers = min(workers, len(tasks))
+  if workers <= 1:
+    yield from map(work, tasks)
+    return
+  # 'spawn' gives clean workers whatever the parent holds (threads, JAX);
+  # their start-up cost is small next to a real build.
+  context = multiprocessing.get_context('spawn')
+  with context.Pool(workers) as pool:
+    yield from pool.imap(work, tasks, chunksize=1)
+
+
+def iter_knees(
+    manifest_df: pd.DataFrame,
+    landmarks: Mapping[manifest_lib.KneeKey, np.ndarray],
+    *,
+    roi_mm: float = 140.0,
+    roi_px: int = 400,
+    workers: int | None = None,
+    landmarks_name: str = LANDMARKS_NAME,
+) -> Iterator[cache.Knee | Skipped]:
+  """Preprocesses every knee of a manifest.
+
+  Args:
+    manifest_df: `manifest.read_manifest` output, or any frame with the
+      manifest columns and usable paths (validated here when it has no
+      `problem` column yet).
+    landmarks: `manifest.read_landmarks` output.
+    roi_mm: ROI side in millimetres.
+    roi_px: ROI side in pixels.
+    workers: processes; None = all cores, 1 = in this process.
+    landmarks_name: how to name the landmarks file in messages.
+
+  Yields:
+    First a `Skipped` for every unusable manifest row, then per file (in
+    order of first appearance) its `cache.Knee`s in manifest order, or a
+    `Skipped` for the file or knee that failed. The order depends only on
+    the inputs.
+  """
+  df = manifest_df
+  if manifest_lib.PROBLEM not in df.columns:
+    df = manifest_lib.validate_manifest(df)
+  skipped, tasks = _plan(df, landmarks, landmarks_name)
+  yield from skipped
+  work = functools.partial(_process_file, roi_mm=roi_mm, roi_px=roi_px)
+  for results in _run(tasks, work, workers or default_workers()):
+    yield from results
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  tmp.write_text(json.dumps(data, indent=2) + '\n')
+  os.replace(tmp, path)
+
+
+def _summary(skipped: list[Skipped], built: int, total: int,
+             seconds: float, **extra) -> dict[str, Any]:
+  by_kind = collections.Counter()
+  for s in skipped:
+    by_kind[s.kind] += s.num_knees
+  return {
+      **extra,
+      'knees_in_manifest': total,
+      'knees_built': built,
+      'knees_skipped': sum(s.num_knees for s in skipped),
+      'skipped_by_reason': dict(sorted(by_kind.items())),
+      'seconds': round(seconds, 2),
+      'knees_per_second': round(built / seconds, 2) if seconds > 0 else None,
+      'skipped': [dataclasses.asdict(s) for s in skipped],
+  }
+
+
+def build_cache(
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    landmarks: str | os.PathLike | None = None,
+    roi_mm: float = 140.0,
+    roi_px: int = 400,
+    workers: int | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+  """Builds a cache from a manifest; see the module docstring.
+
+  Args:
+    manifest: the manifest CSV (`schema`).
+    out_dir: the cache directory (created; a previous cache there is
+      replaced).
+    landmarks: the landmarks CSV; default landmarks.csv beside the manifest.
+    roi_mm: ROI side in millimetres.
+    roi_px: ROI side in pixels.
+    workers: processes; None = all cores.
+    strict: fail if anything at all is skipped.
+
+  Returns:
+    The summary also written to out_dir/summary.json.
+
+  Raises:
+    manifest.ManifestError: the manifest or landmarks file is unreadable
+      (nothing in out_dir is touched).
+    BuildError: nothing was built, or `strict` and something was skipped;
+      out_dir then holds summary.json but no complete cache.
+  """
+  start = time.perf_counter()
+  manifest = Path(manifest)
+  landmarks = Path(landmarks) if landmarks else manifest.with_name(
+      LANDMARKS_NAME)
+  df = manifest_lib.read_manifest(manifest)
+  points = manifest_lib.read_landmarks(landmarks)
+  out_dir = Path(out_dir)
+  writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px)
+  skipped: list[Skipped] = []
+  try:
+    items = iter_knees(df, points, roi_mm=roi_mm, roi_px=roi_px,
+                       workers=workers, landmarks_name=landmarks.name)
+    with tqdm_logging.logging_redirect_tqdm(), tqdm.tqdm(
+        total=len(df), unit='knee', desc='building', disable=None) as bar:
+      for item in items:
+        if isinstance(item, Skipped):
+          log.warning('%s', item)
+          skipped.append(item)
+          bar.update(item.num_knees)
+        else:
+          writer.add(item)
+          bar.update(1)
+  except BaseException:
+    writer.abort()
+    raise
+  summary = _summary(skipped, len(writer), len(df),
+                     time.perf_counter() - start, manifest=str(manifest),
+                     landmarks=str(landmarks), roi_mm=float(roi_mm),
+                     roi_px=int(roi_px))
+  failure = ('no knee could be built' if not len(writer) else
+             'knees were skipped and --strict is set' if strict and skipped
+             else '')
+  if failure:
+    writer.abort()
+    _write_json(out_dir / cache.SUMMARY, summary)
+    raise BuildError(
+        f'{failure} ({_counts_text(summary)}); no cache was written, see '
+        f'{out_dir / cache.SUMMARY}', summary)
+  writer.close(summary=summary)
+  return summary
+
+
+def _counts_text(summary: dict[str, Any]) -> str:
+  counts = ', '.join(f'{k} {v}' for k, v in
+                     summary['skipped_by_reason'].items())
+  return (f'{summary["knees_built"]} built, {summary["knees_skipped"]} '
+          f'skipped' + (f': {counts}' if counts else ''))
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m koajax.data.build',
+      description='Preprocess the knees of a DICOM manifest into a cache.')
+  parser.add_argument('--manifest', required=True, help='manifest CSV')
+  parser.add_argument('--out', required=True, help='cache directory')
+  parser.add_argument('--landmarks', default=None,
+                      help='landmarks CSV (default: landmarks.csv beside the '
+                      'manifest)')
+  parser.add_argument('--roi_mm', type=float, default=140.0)
+  parser.add_argument('--roi_px', type=int, default=400)
+  parser.add_argument('--workers', type=int, default=None,
+                      help='processes (default: all cores)')
+  parser.add_argument('--strict', action='store_true',
+                      help='fail (no cache, exit 1) if anything is skipped')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    summary = build_cache(
+        args.manifest, args.out, landmarks=args.landmarks,
+        roi_mm=args.roi_mm, roi_px=args.roi_px, workers=args.workers,
+        strict=args.strict)
+  except manifest_lib.ManifestError as e:
+    log.error('%s', e)
+    return 2
+  except BuildError as e:
+    log.error('%s', e)
+    return 1
+  except KeyboardInterrupt:
+    log.error('interrupted; no cache was written to %s', args.out)
+    return 130
+  log.info('built %s in %.1f s (%s knees/s): %s', args.out,
+           summary['seconds'], summary['knees_per_second'],
+           _counts_text(summary))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,223 @@
+"""Reads and checks the manifest CSV and the landmarks CSV (see `schema`).
+
+A damaged file is fatal only when it cannot be interpreted at all (it is
+missing, or lacks required columns). Otherwise every row is checked on its
+own, and a row with a problem is marked, not dropped, so the build can report
+each one by its row number and still use the rest:
+
+  df = read_manifest('manifest.csv')
+  df[df.problem == '']      # usable knees
+  df[df.problem != '']      # each with a reason a user can act on
+
+Row numbers count lines as a spreadsheet does: the header is row 1, the first
+knee is row 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from koajax.data import schema
+
+log = logging.getLogger(__name__)
+
+KneeKey = tuple[str, int, str]  # (subject_id, visit, side)
+
+# Added by `validate_manifest`.
+ROW = 'row'  # spreadsheet row number
+PROBLEM = 'problem'  # '' when the row is usable, else why it is not
+PROBLEM_KIND = 'problem_kind'  # category of the first problem, for counting
+
+
+class ManifestError(ValueError):
+  """A manifest or landmarks file that cannot be read at all."""
+
+
+def _read_csv(path: str | os.PathLike, required: tuple[str, ...],
+              what: str) -> pd.DataFrame:
+  path = Path(path)
+  if not path.is_file():
+    raise ManifestError(f'{what} file not found: {path}')
+  # Everything as text: subject ids keep leading zeros, and cells are
+  # interpreted (and complained about) one by one below.
+  # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
+  df = pd.read_csv(path, dtype=str, keep_default_na=False,
+                   skipinitialspace=True, encoding='utf-8-sig')
+  df.columns = [c.strip() for c in df.columns]
+  missing = [c for c in required if c not in df.columns]
+  if missing:
+    raise ManifestError(
+        f'{path}: missing column(s) {_columns_text(missing)}; a {what} file '
+        f'has columns {_columns_text(required)} (see koajax/data/schema.py)')
+  return df
+
+
+def _columns_text(columns) -> str:
+  columns = list(columns)
+  if len(columns) > 12:  # the 32 landmark coordinates
+    columns = columns[:5] + ['...'] + columns[-2:]
+  return ', '.join(columns)
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+  """Reads a manifest and checks every row.
+
+  Args:
+    path: the manifest CSV (columns `schema.MANIFEST_COLUMNS`; others are
+      ignored). Grade columns must be present but may be empty.
+
+  Returns:
+    One row per manifest row, in file order, with typed columns
+    (subject_id str, visit int or -1 if unparsable, side 'R'/'L', site str,
+    path str resolved against the manifest's folder, grades int with -1 for
+    ungraded) plus `row` (spreadsheet row number) and `problem` ('' if the
+    row is usable).
+
+  Raises:
+    ManifestError: the file is missing or lacks required columns.
+  """
+  path = Path(path)
+  df = _read_csv(path, schema.MANIFEST_COLUMNS, 'manifest')
+  df = df[list(schema.MANIFEST_COLUMNS)].copy()
+  df.insert(0, ROW, np.arange(len(df)) + 2)
+  folder = path.parent
+  df['path'] = [str(folder / p.strip()) if p.strip() else ''
+                for p in df['path']]
+  return validate_manifest(df)
+
+
+def _parse_int(cell) -> int | None:
+  """An integer cell ('3', '3.0', 3, 3.0) or None."""
+  if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+    return None
+  text = str(cell).strip()
+  if not text:
+    return None
+  try:
+    value = float(text)
+  except ValueError:
+    return None
+  return int(value) if value.is_integer() else None
+
+
+def _row_problems(
+    row: pd.Series) -> tuple[list[tuple[str, str]], dict[str, int]]:
+  """Problems (kind, message) of one row, and its parsed visit and grades."""
+  problems = []
+  parsed = {}
+  if not str(row['subject_id']).strip():
+    problems.append(('bad_id', 'empty subject_id'))
+  visit = _parse_int(row['visit'])
+  if visit is None or visit < 0:
+    problems.append(
+        ('bad_id', f'visit {str(row["visit"])!r} is not a whole number >= 0'))
+  parsed['visit'] = -1 if visit is None else visit
+  if str(row['side']).strip().upper() not in schema.SIDES:
+    problems.append(
+        ('bad_side', f"side {str(row['side'])!r} is not 'R' or 'L'"))
+  if not str(row['path']).strip():
+    problems.append(('bad_path', 'empty path'))
+  for grade in schema.GRADES:
+    cell = row[grade]
+    empty = cell is None or (isinstance(cell, float) and np.isnan(cell)) or (
+        str(cell).strip() == '')
+    value = _parse_int(cell)
+    if empty or value == schema.UNGRADED:
+      parsed[grade] = schema.UNGRADED
+    elif value is None or not 0 <= value <= schema.GRADE_MAX[grade]:
+      problems.append(
+          ('bad_grade', f'{grade}={str(cell).strip()!r} out of range '
+           f'0-{schema.GRADE_MAX[grade]} (leave the cell empty if ungraded)'))
+      parsed[grade] = schema.UNGRADED
+    else:
+      parsed[grade] = value
+  return problems, parsed
+
+
+def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
+  """Types the columns and fills `problem` for every row.
+
+  For frames made by hand with the manifest columns (paths are used as
+  given); `read_manifest` calls it. Not for its own output: a grade cell
+  found out of range is already replaced by -1 there.
+  """
+  missing = [c for c in schema.MANIFEST_COLUMNS if c not in df.columns]
+  if missing:
+    raise ManifestError(f'manifest DataFrame lacks column(s) '
+                        f'{", ".join(missing)}')
+  df = df.reset_index(drop=True).copy()
+  if ROW not in df.columns:
+    df.insert(0, ROW, np.arange(len(df)) + 2)
+  problems, parsed = zip(*(_row_problems(r) for _, r in df.iterrows())) if (
+      len(df)) else ((), ())
+  parsed = pd.DataFrame(list(parsed), index=df.index,
+                        columns=['visit', *schema.GRADES])
+  df['subject_id'] = df['subject_id'].astype(str).str.strip()
+  df['side'] = df['side'].astype(str).str.strip().str.upper()
+  df['site'] = df['site'].fillna('').astype(str).str.strip()
+  df['path'] = df['path'].fillna('').astype(str)
+  for column in parsed.columns:
+    df[column] = parsed[column].astype(int)
+  df[PROBLEM] = ['; '.join(message for _, message in p) for p in problems]
+  df[PROBLEM_KIND] = [p[0][0] if p else '' for p in problems]
+  _mark_duplicates(df)
+  return df
+
+
+def _mark_duplicates(df: pd.DataFrame) -> None:
+  """Marks every copy of a repeated (subject_id, visit, side): which one is
+  right cannot be known, so none is used."""
+  keyed = df[(df['subject_id'] != '') & (df['visit'] >= 0)]
+  groups = keyed.groupby(list(schema.ID_COLUMNS), sort=False).groups
+  for key, index in groups.items():
+    if len(index) < 2:
+      continue
+    rows = df.loc[index, ROW].tolist()
+    for i, row in zip(index, rows):
+      others = ', '.join(str(r) for r in rows if r != row)
+      note = (f'duplicate knee {schema.knee_id(*key)} (also on row(s) '
+              f'{others}); all copies skipped')
+      df.at[i, PROBLEM] = '; '.join(p for p in (df.at[i, PROBLEM], note) if p)
+      df.at[i, PROBLEM_KIND] = df.at[i, PROBLEM_KIND] or 'duplicate'
+
+
+def read_landmarks(path: str | os.PathLike) -> dict[KneeKey, np.ndarray]:
+  """Reads the landmarks CSV.
+
+  Args:
+    path: CSV with columns `schema.LANDMARK_COLUMNS` (x, y in pixels of the
+      image file the manifest names).
+
+  Returns:
+    {(subject_id, visit, side): (16, 2) float64 array of (x, y)}. Cells that
+    are empty or not numbers become NaN, so the knee is reported when it is
+    built rather than silently missing. A knee listed twice keeps its first
+    row (a warning names both).
+
+  Raises:
+    ManifestError: the file is missing or lacks required columns.
+  """
+  path = Path(path)
+  df = _read_csv(path, schema.LANDMARK_COLUMNS, 'landmarks')
+  coords = df[list(schema.LANDMARK_COLUMNS[3:])].apply(
+      pd.to_numeric, errors='coerce').to_numpy(np.float64)
+  coords = coords.reshape(len(df), schema.NUM_LANDMARKS, 2)
+  out: dict[KneeKey, np.ndarray] = {}
+  first_row: dict[KneeKey, int] = {}
+  for i, (subject, visit, side) in enumerate(
+      df[list(schema.ID_COLUMNS)].itertuples(index=False)):
+    visit_int = _parse_int(visit)
+    key = (subject.strip(), -1 if visit_int is None else visit_int,
+           side.strip().upper())
+    if key in out:
+      log.warning('%s row %d repeats the landmarks of row %d; using row %d',
+                  path, i + 2, first_row[key], first_row[key])
+      continue
+    out[key] = coords[i]
+    first_row[key] = i + 2
+  return out

@@ -1,0 +1,399 @@
+"""Tests for DICOM reading and ROI geometry, on images with known geometry.
+
+The phantom knee is defined in a "knee frame" in millimetres (x along the
+tibial plateau from lateral to medial for a right knee, y down, origin at the
+joint centre) and rendered into an image at a chosen pixel spacing, position
+and rotation. Expectations are computed from the frame directly, not with the
+code under test. The render and DICOM helpers are reused by test_build.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+import pydicom.uid
+import pytest
+from scipy import ndimage
+
+from koajax.data import dicom_io
+from koajax.data import preprocess
+from koajax.data import schema
+
+# Header values that must never leave the DICOM files.
+PHI = {
+    'PatientName': 'Doe^Jane',
+    'PatientID': 'PHI-7731',
+    'PatientBirthDate': '19450101',
+    'StudyDate': '20040909',
+    'AccessionNumber': 'ACC99887',
+    'InstitutionName': 'St Elsewhere',
+}
+
+# Right knee landmarks in the knee frame (mm): lateral at -x, plateau y=+2.5,
+# femoral condyles y=-2.5 (joint space 5 mm).
+RIGHT_FRAME_LANDMARKS = np.array([
+    (-38, 2.5), (-25, 2.5), (-10, 2.5), (-5, -1), (0, 0), (5, -1), (10, 2.5),
+    (25, 2.5), (38, 2.5),
+    (-40, -5), (-25, -2.5), (-8, -2.5), (0, -8), (8, -2.5), (25, -2.5),
+    (40, -5)], np.float64)
+# Markers, found by comparing renders with and without them: a hole in the
+# lateral tibia and a bone-bright disc on the joint centre (in the joint space).
+LATERAL_MARKER = (-30.0, 15.0)  # mm
+LATERAL_MARKER_RADIUS = 4.0
+CENTRE_MARKER_RADIUS = 2.0
+BACKGROUND, SOFT, BONE = 2000, 9000, 30000
+# Landmarks on the lateral and on the medial half of the joint.
+LATERAL = [0, 1, 2, 9, 10, 11]
+MEDIAL = [6, 7, 8, 13, 14, 15]
+
+
+def frame_intensity(q: np.ndarray, markers: bool = True) -> np.ndarray:
+  """Right-knee phantom intensity at knee-frame points q (..., 2) in mm."""
+  x, y = q[..., 0], q[..., 1]
+  out = np.full(x.shape, BACKGROUND, np.float64)
+  out[np.abs(x) < 60] = SOFT
+  out[(np.abs(x) < 40) & (y < -2.5) & (y > -80)] = BONE
+  out[(np.abs(x) < 38) & (y > 2.5) & (y < 80)] = BONE
+  if markers:
+    lateral = np.hypot(x - LATERAL_MARKER[0], y - LATERAL_MARKER[1])
+    out[lateral < LATERAL_MARKER_RADIUS] = SOFT
+    out[np.hypot(x, y) < CENTRE_MARKER_RADIUS] = BONE
+  return out
+
+
+def rotation(degrees: float) -> np.ndarray:
+  t = math.radians(degrees)
+  return np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+
+
+def render_film(shape: tuple[int, int], spacing: tuple[float, float],
+                knees: list[tuple[tuple[float, float], float, str]],
+                markers: bool = True):
+  """A radiograph with phantom knees.
+
+  Args:
+    shape: (rows, cols).
+    spacing: (row, col) mm per pixel.
+    knees: (centre (x, y) in mm, rotation in degrees, side) per knee; a left
+      knee is the mirror image of a right one.
+
+  Returns:
+    (uint16 image, {side: (16, 2) landmarks in image pixels (x, y)}).
+  """
+  rows, cols = shape
+  mm_per_px = np.array([spacing[1], spacing[0]])
+  yy, xx = np.mgrid[0:rows, 0:cols]
+  points_mm = np.stack([xx, yy], axis=-1) * mm_per_px
+  image = np.full(shape, BACKGROUND, np.float64)
+  landmarks = {}
+  for centre, degrees, side in knees:
+    mirror = np.array([-1.0 if side == 'L' else 1.0, 1.0])
+    r = rotation(degrees)
+    q = (points_mm - centre) @ r  # image mm -> frame mm (R^T (p - c))
+    inside = np.abs(q).max(axis=-1) < 85
+    image[inside] = frame_intensity(q[inside] * mirror, markers)
+    frame = RIGHT_FRAME_LANDMARKS * mirror
+    landmarks[side] = (frame @ r.T + centre) / mm_per_px
+  return np.round(image).astype(np.uint16), landmarks
+
+
+def write_dicom(path: str | Path, pixels: np.ndarray, *,
+                spacing: tuple[float, float] | None = (0.2, 0.2),
+                spacing_tag: str = 'ImagerPixelSpacing',
+                photometric: str = 'MONOCHROME2',
+                slope: float | None = None,
+                intercept: float | None = None) -> Path:
+  """A minimal DX-like DICOM file carrying the PHI header values."""
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.file_meta.MediaStorageSOPClassUID = (
+      pydicom.uid.DigitalXRayImageStorageForPresentation)
+  ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+  ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+  ds.Modality = 'DX'
+  for keyword, value in PHI.items():
+    setattr(ds, keyword, value)
+  ds.set_pixel_data(np.asarray(pixels, np.uint16),
+                    photometric_interpretation=photometric, bits_stored=16)
+  if spacing is not None:
+    setattr(ds, spacing_tag, [f'{v:g}' for v in spacing])
+  if slope is not None:
+    ds.RescaleSlope = f'{slope:g}'
+    ds.RescaleIntercept = f'{intercept or 0:g}'
+  path = Path(path)
+  ds.save_as(path, enforce_file_format=True)
+  return path
+
+
+# --- dicom_io ------------------------------------------------------------
+
+
+def _ramp(rows=40, cols=60) -> np.ndarray:
+  return (np.arange(rows * cols).reshape(rows, cols) * 7 + 100).astype(
+      np.uint16)
+
+
+def test_reads_pixels_and_spacing(tmp_path):
+  stored = _ramp()
+  image, spacing = dicom_io.read_radiograph(
+      write_dicom(tmp_path / 'a.dcm', stored, spacing=(0.15, 0.2)))
+  assert image.dtype == np.float32
+  np.testing.assert_array_equal(image, stored.astype(np.float32))
+  assert spacing == (0.15, 0.2)
+
+
+def test_rescale_slope_intercept(tmp_path):
+  stored = _ramp()
+  image, _ = dicom_io.read_radiograph(write_dicom(
+      tmp_path / 'a.dcm', stored, slope=2.0, intercept=-1000))
+  np.testing.assert_allclose(image, 2.0 * stored - 1000)
+
+
+def test_monochrome1_is_inverted(tmp_path):
+  stored = _ramp()
+  image, _ = dicom_io.read_radiograph(write_dicom(
+      tmp_path / 'a.dcm', stored, photometric='MONOCHROME1', slope=0.5,
+      intercept=10))
+  values = 0.5 * stored.astype(np.float64) + 10
+  np.testing.assert_allclose(image, values.max() + values.min() - values)
+  # Inverting twice gives back the MONOCHROME2 reading.
+  m2, _ = dicom_io.read_radiograph(write_dicom(
+      tmp_path / 'b.dcm', stored, slope=0.5, intercept=10))
+  assert np.corrcoef(image.ravel(), m2.ravel())[0, 1] == pytest.approx(-1)
+
+
+def test_monochrome1_film_gives_the_same_roi(tmp_path):
+  film, landmarks = render_film((500, 500), (0.3, 0.3),
+                                [((75, 75), 5.0, 'R')])
+  m1 = write_dicom(tmp_path / 'm1.dcm', 65535 - film, spacing=(0.3, 0.3),
+                   photometric='MONOCHROME1')
+  m2 = write_dicom(tmp_path / 'm2.dcm', film, spacing=(0.3, 0.3))
+  rois = [preprocess.extract_roi(*dicom_io.read_radiograph(p),
+                                 landmarks['R'], 'R', roi_mm=100,
+                                 roi_px=64)[0] for p in (m1, m2)]
+  np.testing.assert_array_equal(rois[0], rois[1])
+
+
+def test_spacing_tags(tmp_path):
+  pixels = _ramp()
+  _, spacing = dicom_io.read_radiograph(write_dicom(
+      tmp_path / 'p.dcm', pixels, spacing=(0.1, 0.12),
+      spacing_tag='PixelSpacing'))
+  assert spacing == (0.1, 0.12)
+  # With both, ImagerPixelSpacing (the detector's, as in OAI) wins.
+  path = write_dicom(tmp_path / 'both.dcm', pixels, spacing=(0.3, 0.3))
+  ds = pydicom.dcmread(path)
+  ds.PixelSpacing = ['0.25', '0.25']
+  ds.save_as(path)
+  assert dicom_io.read_radiograph(path)[1] == (0.3, 0.3)
+
+
+@pytest.mark.parametrize('spacing,kind', [
+    (None, 'no_spacing'), ((0.0, 0.2), 'bad_spacing'),
+    ((-0.2, 0.2), 'bad_spacing'), ((200.0, 0.2), 'bad_spacing')])
+def test_bad_spacing(tmp_path, spacing, kind):
+  path = write_dicom(tmp_path / 'a.dcm', _ramp(), spacing=spacing)
+  with pytest.raises(dicom_io.InputError) as e:
+    dicom_io.read_radiograph(path)
+  assert e.value.kind == kind
+  assert 'Spacing' in e.value.reason
+
+
+def test_unreadable_files(tmp_path):
+  good = write_dicom(tmp_path / 'good.dcm', _ramp())
+  truncated = tmp_path / 'truncated.dcm'
+  truncated.write_bytes(good.read_bytes()[:-1000])
+  header_only = tmp_path / 'header_only.dcm'
+  header_only.write_bytes(good.read_bytes()[:200])
+  text = tmp_path / 'notes.dcm'
+  text.write_text('not an image\n')
+  expected = {
+      truncated: ('truncated', 'truncated'),
+      header_only: ('no_pixel_data', 'no pixel data'),
+      text: ('not_dicom', 'not a DICOM file'),
+      tmp_path / 'absent.dcm': ('missing_file', 'not found'),
+  }
+  for path, (kind, words) in expected.items():
+    with pytest.raises(dicom_io.InputError) as e:
+      dicom_io.read_radiograph(path)
+    assert (e.value.kind, e.value.path) == (kind, str(path))
+    assert words in e.value.reason
+
+
+def test_bare_dataset_without_preamble(tmp_path):
+  ds = pydicom.dcmread(write_dicom(tmp_path / 'a.dcm', _ramp()))
+  bare = tmp_path / 'bare.dcm'
+  with pydicom.filebase.DicomFile(bare, 'wb') as f:
+    f.is_implicit_VR, f.is_little_endian = True, True
+    pydicom.filewriter.write_dataset(f, ds)
+  assert bare.read_bytes()[128:132] != b'DICM'
+  image, spacing = dicom_io.read_radiograph(bare)
+  np.testing.assert_array_equal(image, _ramp())
+  assert spacing == (0.2, 0.2)
+
+
+def relabel_compressed(path: Path,
+                       syntax=pydicom.uid.JPEG2000Lossless) -> Path:
+  """Relabels a file's native pixels as compressed (which they are not)."""
+  ds = pydicom.dcmread(path)
+  ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
+  ds.file_meta.TransferSyntaxUID = syntax
+  ds.save_as(path, enforce_file_format=True)
+  return path
+
+
+# JPEG 2000 has a decoder here (Pillow) that fails; JPEG-LS usually has none.
+@pytest.mark.parametrize('syntax', [pydicom.uid.JPEG2000Lossless,
+                                    pydicom.uid.JPEGLSLossless])
+def test_compressed_syntax_says_how_to_fix(tmp_path, syntax):
+  path = relabel_compressed(write_dicom(tmp_path / 'a.dcm', _ramp()), syntax)
+  with pytest.raises(dicom_io.InputError) as e:
+    dicom_io.read_radiograph(path)
+  assert e.value.kind == 'unsupported_syntax'
+  assert syntax.name in e.value.reason and str(syntax) in e.value.reason
+  assert 'gdcmconv --raw' in e.value.reason
+  for value in PHI.values():
+    assert value not in str(e.value)
+
+
+# --- ROI geometry --------------------------------------------------------
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+  """(x, y) centroid of a boolean mask."""
+  rows, cols = np.nonzero(mask)
+  return np.array([cols.mean(), rows.mean()])
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+  labels, n = ndimage.label(mask)
+  return [_centroid(labels == i) for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize('side', ['R', 'L'])
+@pytest.mark.parametrize('degrees', [0.0, 12.0, -25.0])
+def test_roi_geometry(side, degrees):
+  # Anisotropic pixels, knee off-centre and rotated, patch 3x coarser than
+  # the image (the anti-aliasing path).
+  spacing = (0.25, 0.2)
+  roi_mm, roi_px = 140.0, 200
+  mm_per_roi_px = roi_mm / roi_px
+  centre_mm = np.array([95.0, 88.0])
+  knees = [(centre_mm, degrees, side)]
+  film, landmarks = render_film((720, 960), spacing, knees)
+  plain, _ = render_film((720, 960), spacing, knees, markers=False)
+  roi, keypoints = preprocess.extract_roi(
+      film.astype(np.float32), spacing, landmarks[side], side,
+      roi_mm=roi_mm, roi_px=roi_px)
+  plain_roi, _ = preprocess.extract_roi(
+      plain.astype(np.float32), spacing, landmarks[side], side,
+      roi_mm=roi_mm, roi_px=roi_px)
+  assert roi.shape == (roi_px, roi_px) and roi.dtype == np.uint8
+  assert keypoints.shape == (16, 2) and keypoints.dtype == np.float32
+
+  # Keypoints: the frame offsets scaled to patch pixels (left knees mirrored
+  # back, so they match the right knee's), centred on the patch.
+  centre = (roi_px - 1) / 2
+  expected = RIGHT_FRAME_LANDMARKS / mm_per_roi_px + centre
+  np.testing.assert_allclose(keypoints, expected, atol=1e-3)
+  np.testing.assert_allclose(keypoints[schema.JOINT_CENTRE], [centre, centre],
+                             atol=1e-3)
+
+  # Image content agrees with the keypoints: the joint-centre marker is at
+  # the patch centre within 2 mm, and the lateral marker is where the frame
+  # says, on the patch's left, for both sides.
+  markers = _components(np.abs(roi.astype(int) - plain_roi) > 64)
+  assert len(markers) == 2, len(markers)
+  joint, lateral = sorted(markers, key=lambda c: np.hypot(*(c - centre)))
+  assert np.hypot(*(joint - centre)) * mm_per_roi_px < 2.0
+  expected_lateral = np.array(LATERAL_MARKER) / mm_per_roi_px + centre
+  assert np.hypot(*(lateral - expected_lateral)) * mm_per_roi_px < 2.0
+  assert lateral[0] < centre
+
+  # Plateau levelled: the tibial edge (first bright row below the joint
+  # space) is at the same row across the plateau.
+  columns = np.round(centre + np.arange(-30, 31, 5) / mm_per_roi_px)
+  edges = []
+  for c in columns.astype(int):
+    profile = roi[int(centre) + 1:, c] > 128
+    if c == int(round(centre)) or not profile.any():
+      continue
+    edges.append(np.argmax(profile) + int(centre) + 1)
+  edge_rows = np.array(edges)
+  assert np.ptp(edge_rows) <= 1, edge_rows
+  plateau_row = centre + 2.5 / mm_per_roi_px
+  assert abs(edge_rows.mean() - plateau_row) * mm_per_roi_px < 1.0
+
+
+def test_spacing_is_honoured():
+  # The same knee rendered at two spacings gives the same patch.
+  rois = []
+  for spacing in [(0.2, 0.2), (0.35, 0.15)]:
+    film, landmarks = render_film(
+        (int(180 / spacing[0]), int(180 / spacing[1])), spacing,
+        [((90, 90), 7.0, 'R')])
+    rois.append(preprocess.extract_roi(
+        film.astype(np.float32), spacing, landmarks['R'], 'R', roi_mm=100,
+        roi_px=100)[0].astype(np.float64))
+  mismatch = np.mean(np.abs(rois[0] - rois[1]) > 64)
+  assert mismatch < 0.03, mismatch
+
+
+def test_left_is_the_mirror_of_right():
+  spacing = (0.2, 0.2)
+  film, landmarks = render_film(
+      (800, 1400), spacing, [((70, 80), 10.0, 'R'), ((210, 80), -10.0, 'L')])
+  image = film.astype(np.float32)
+  right, kp_right = preprocess.extract_roi(image, spacing, landmarks['R'], 'R',
+                                           roi_mm=120, roi_px=120)
+  left, kp_left = preprocess.extract_roi(image, spacing, landmarks['L'], 'L',
+                                         roi_mm=120, roi_px=120)
+  np.testing.assert_allclose(kp_left, kp_right, atol=1e-3)
+  assert np.mean(np.abs(right.astype(int) - left.astype(int)) > 64) < 0.02
+  # Lateral points (0-2, 9-11) left of the medial ones (6-8, 13-15).
+  for kp in (kp_left, kp_right):
+    assert kp[LATERAL, 0].max() < kp[MEDIAL, 0].min()
+
+
+def test_downsampling_does_not_alias():
+  # Stripes at the image's Nyquist frequency vanish from a 3.5x coarser
+  # patch instead of folding into a visible pattern.
+  spacing = (0.2, 0.2)
+  rows, cols = np.mgrid[0:800, 0:800]
+  ramp = (rows + cols).astype(np.float32) * 10
+  stripes = ramp + 2000 * (cols % 2)
+  landmarks = np.stack([np.linspace(300, 500, 16),
+                        np.full(16, 400.0)], axis=1)
+  landmarks[schema.JOINT_CENTRE] = (400, 400)
+  kwargs = dict(roi_mm=100, roi_px=143)
+  plain, _ = preprocess.extract_roi(ramp, spacing, landmarks, 'R', **kwargs)
+  striped, _ = preprocess.extract_roi(stripes, spacing, landmarks, 'R',
+                                      **kwargs)
+  assert np.abs(plain.astype(int) - striped).mean() < 3
+
+
+def test_outside_the_image_is_background():
+  spacing = (0.2, 0.2)
+  # Knee 30 mm from the top edge: the top of a 140 mm patch is off the film.
+  film, landmarks = render_film((700, 700), spacing, [((70, 30), 0.0, 'R')])
+  roi, _ = preprocess.extract_roi(film.astype(np.float32), spacing,
+                                  landmarks['R'], 'R', roi_mm=140, roi_px=140)
+  off_film = roi[:30]  # rows above -40 mm from the joint centre
+  assert (off_film == roi.min()).all()
+
+
+def test_bad_landmarks_raise():
+  image = np.zeros((100, 100), np.float32)
+  good = np.tile([[50.0, 50.0]], (16, 1)) + np.arange(16)[:, None] * [1, 0]
+  with pytest.raises(ValueError, match='non-numeric'):
+    preprocess.extract_roi(image, (1, 1), np.where(np.arange(16)[:, None] == 3,
+                                                   np.nan, good), 'R')
+  with pytest.raises(ValueError, match='coincide'):
+    preprocess.extract_roi(image, (1, 1), np.full((16, 2), 50.0), 'R')
+  with pytest.raises(ValueError, match='contrast'):
+    preprocess.extract_roi(image, (1, 1), good, 'R', roi_mm=40, roi_px=40)
