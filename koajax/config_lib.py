@@ -18,7 +18,7 @@ def parse_preset(arg: str | None, presets: tuple[str, ...]) -> str:
   return name
 
 
-def data_config(*, num_subjects: int = 600, seed: int = 0,
+def data_config(*, num_subjects: int = 560, seed: int = 0,
                 roi_px: int = 400) -> ml_collections.ConfigDict:
   """Where the knees come from and how they are preprocessed.
 

@@ -208,8 +208,8 @@ def open_cache(cache_dir: str | os.PathLike) -> Cache:
         f'{d} has cache format {meta.get("format_version")}, this koajax '
         f'reads {FORMAT_VERSION}; rebuild it')
   # Ids and sites are text even when they look numeric or are empty.
-  index = pd.read_csv(d / INDEX, dtype={'knee_id': str, 'subject_id': str, 'side': str, 'site': str},
-                      keep_default_na=False)
+  text = {'knee_id': str, 'subject_id': str, 'side': str, 'site': str}
+  index = pd.read_csv(d / INDEX, dtype=text, keep_default_na=False)
   if len(index) != meta['num_knees']:
     raise IncompleteCacheError(
         f'{d / INDEX} has {len(index)} rows, meta says {meta["num_knees"]}')
