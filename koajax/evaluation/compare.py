@@ -1,0 +1,123 @@
+"""Is run A better than run B? Chunked Wilcoxon test on two predictions files.
+
+  python -m koajax.evaluation.compare --a=RUN_A/predictions.csv \\
+      --b=RUN_B/predictions.csv [--subjects=SUBJECTS.csv] \\
+      [--metric=balanced_accuracy] [--n_chunks=20] [--seed=0] \\
+      [--out=RESULT.json]
+
+Rows are matched by knee_id; both files must cover the same knees with the
+same true grades. The subject of each knee (which keeps a subject's knees in
+one chunk) comes from, in order: --subjects (a CSV with knee_id and subject_id
+columns), a subject_id column of file A, or the knee id itself
+('<subject>_v<visit:02d>_<side>', see `koajax.data.schema.knee_id`). The
+result is printed as JSON and, with --out, written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from koajax.evaluation import metrics as metrics_lib
+from koajax.evaluation import report as report_lib
+from koajax.evaluation import significance
+
+# Inverse of koajax.data.schema.knee_id.
+_KNEE_ID = re.compile(r'^(?P<subject>.+)_v(?P<visit>\d+)_(?P<side>[RL])$')
+
+
+def subject_from_knee_id(knee_id: str) -> str:
+  """'9001234_v12_R' -> '9001234'."""
+  match = _KNEE_ID.match(knee_id)
+  if match is None:
+    raise ValueError(f'knee id {knee_id!r} is not <subject>_v<visit>_<side>; '
+                     'pass --subjects')
+  return match['subject']
+
+
+def _subjects(frame_a: pd.DataFrame,
+              subjects_csv: str | Path | None) -> np.ndarray:
+  """Subject of every row of file A (see the module docstring)."""
+  knee_ids = frame_a['knee_id']
+  if subjects_csv is not None:
+    table = pd.read_csv(subjects_csv, dtype=str)
+    lookup = dict(zip(table['knee_id'], table['subject_id']))
+    missing = sorted(set(knee_ids) - set(lookup))
+    if missing:
+      raise ValueError(f'{subjects_csv} lacks {len(missing)} knees, e.g. '
+                       f'{missing[:3]}')
+    return knee_ids.map(lookup).to_numpy(str)
+  if 'subject_id' in frame_a.columns:
+    return frame_a['subject_id'].to_numpy(str)
+  return np.array([subject_from_knee_id(k) for k in knee_ids])
+
+
+def _aligned(path_a, path_b):
+  """(frame_a, y, probs_a, probs_b) with B's rows reordered to match A's."""
+  frame_a, y_a, probs_a = report_lib.read_predictions(path_a)
+  frame_b, y_b, probs_b = report_lib.read_predictions(path_b)
+  for path, frame in ((path_a, frame_a), (path_b, frame_b)):
+    if frame['knee_id'].duplicated().any():
+      raise ValueError(f'{path}: knee_id values repeat')
+  if set(frame_a['knee_id']) != set(frame_b['knee_id']):
+    only_a = set(frame_a['knee_id']) - set(frame_b['knee_id'])
+    only_b = set(frame_b['knee_id']) - set(frame_a['knee_id'])
+    raise ValueError(f'the runs cover different knees: {len(only_a)} only in '
+                     f'A, {len(only_b)} only in B')
+  order = pd.Index(frame_b['knee_id']).get_indexer(frame_a['knee_id'])
+  if not np.array_equal(y_a, y_b[order]):
+    raise ValueError('the runs disagree on true grades of the same knees')
+  if probs_a.shape[1] != probs_b.shape[1]:
+    raise ValueError('the runs predict different numbers of classes')
+  return frame_a, y_a, probs_a, probs_b[order]
+
+
+def compare_predictions(path_a: str | Path, path_b: str | Path, *,
+                        subjects_csv: str | Path | None = None,
+                        metric: str = 'balanced_accuracy', n_chunks: int = 20,
+                        seed: int = 0,
+                        positive_from: int = metrics_lib.KL_OA_FROM) -> dict:
+  """Chunked one-sided Wilcoxon test "A better than B" as a JSON-ready dict."""
+  frame_a, y, probs_a, probs_b = _aligned(path_a, path_b)
+  subject_ids = _subjects(frame_a, subjects_csv)
+  result = significance.chunked_wilcoxon(
+      y, probs_a, probs_b, subject_ids, metric=metric, n_chunks=n_chunks,
+      seed=seed, positive_from=(positive_from if metric in
+                                metrics_lib.RANKING_METRICS else None))
+  return {'a': str(path_a), 'b': str(path_b), 'n_knees': int(y.size),
+          'n_subjects': int(np.unique(subject_ids).size), 'seed': seed,
+          **result.to_dict()}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--a', required=True, help="run A's predictions.csv")
+  parser.add_argument('--b', required=True, help="run B's predictions.csv")
+  parser.add_argument('--subjects', help='CSV with knee_id, subject_id')
+  parser.add_argument('--metric', default='balanced_accuracy')
+  parser.add_argument('--n_chunks', type=int, default=20)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--positive_from', type=int,
+                      default=metrics_lib.KL_OA_FROM,
+                      help='binary threshold for roc_auc / average_precision')
+  parser.add_argument('--out', help='also write the JSON result here')
+  args = parser.parse_args(argv)
+  result = compare_predictions(
+      args.a, args.b, subjects_csv=args.subjects, metric=args.metric,
+      n_chunks=args.n_chunks, seed=args.seed, positive_from=args.positive_from)
+  text = json.dumps(report_lib.json_ready(result), indent=2, allow_nan=False)
+  print(text)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + '\n')
+  return result
+
+
+if __name__ == '__main__':
+  main()
