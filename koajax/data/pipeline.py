@@ -1,0 +1,219 @@
+"""Grain input pipeline over a knee cache.
+
+    source(cache records, restricted to a split's record indices)
+      -> shuffle (a new order every epoch) -> whole global batches per epoch
+      -> this process's share -> repeat -> decode + method view -> batch
+      -> to_iter_dataset -> [mp_prefetch into worker processes]
+
+Elements are dicts of NumPy arrays, batched along axis 0:
+  image      uint8, the view (siamese (2, 128, 128), whole (300, 300),
+             keypoints (320, 320))
+  keypoints  float32 (16, 2) (x, y) view pixels, 'keypoints' view only
+  kl         int32 KL grade (-1 = ungraded)
+  grades     int32 (7,) in schema.GRADES order (-1 = ungraded)
+  index      int32 record index in the cache
+
+`batch_size` is global: with P processes each receives batch_size / P
+elements from a disjoint share of every epoch, so the per-process batches
+together form one global batch (`jax.make_array_from_process_local_data`).
+An epoch of the labeled stream is one pass over its subset, cut to whole
+global batches (at most batch_size - 1 knees, different ones each epoch, sit
+an epoch out). The unlabeled stream repeats forever with its own shuffle.
+
+Iterators are Grain `DatasetIterator`s: `get_state()` / `set_state()`, and
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside an
+Orbax `CheckpointManager` save, resume at exactly the next batch.
+
+Worker processes start by spawn, so a script that asks for workers needs an
+`if __name__ == '__main__':` guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from typing import Any
+
+from absl import flags
+import grain
+import numpy as np
+
+from koajax.data import cache as cache_lib
+from koajax.data import views
+
+
+class _Subset:
+  """Random access to the records at `indices` of a source (picklable)."""
+
+  def __init__(self, source: Any, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> bytes:
+    return self._source[int(self._indices[i])]
+
+  def __repr__(self) -> str:
+    return f'_Subset({self._source!r}, {len(self)} records)'
+
+
+class DecodeView(grain.transforms.Map):
+  """Record bytes -> a dict of arrays in one method view (see module doc)."""
+
+  def __init__(self, view: str, roi_mm: float):
+    self._view_name = view
+    self._view = views.get_view(view)
+    self._roi_mm = float(roi_mm)
+
+  def map(self, element: bytes) -> dict[str, np.ndarray]:
+    knee = cache_lib.decode(element)
+    grades = knee['grades'].astype(np.int32)
+    return {**self._view(knee, self._roi_mm), 'kl': grades[0],
+            'grades': grades, 'index': np.int32(knee['index'])}
+
+  def __repr__(self) -> str:
+    return f'DecodeView({self._view_name!r})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """Which share of every epoch this process reads."""
+  index: int
+  count: int
+
+  @classmethod
+  def from_jax(cls) -> Sharding:
+    import jax  # pylint: disable=g-import-not-at-top
+    return cls(jax.process_index(), jax.process_count())
+
+
+def _local_batch_size(batch_size: int, sharding: Sharding) -> int:
+  if batch_size % sharding.count:
+    raise ValueError(f'batch size {batch_size} does not split over '
+                     f'{sharding.count} processes')
+  return batch_size // sharding.count
+
+
+def steps_per_epoch(num_knees: int, batch_size: int) -> int:
+  """Global batches in one epoch of `num_knees` knees (the last part drops)."""
+  return num_knees // batch_size
+
+
+def knee_dataset(cache: cache_lib.Cache,
+                 indices: Sequence[int] | np.ndarray, *, view: str,
+                 batch_size: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = 1,
+                 sharding: Sharding | None = None) -> grain.MapDataset:
+  """The batched MapDataset of this process's share of `indices`.
+
+  Args:
+    cache: an open cache.
+    indices: record indices of the split (e.g. `Split.train`).
+    view: one of `views.VIEWS`.
+    batch_size: global batch size, divisible by the process count.
+    seed: shuffle seed; epoch e is shuffled with seed + e (Grain's rule).
+    shuffle: False keeps `indices` order (evaluation).
+    num_epochs: epochs to run, None for an endless stream.
+    sharding: this process's share; default from jax.process_index/count.
+
+  Returns:
+    A MapDataset of dicts of batched arrays; every epoch has exactly
+    `steps_per_epoch(len(indices), batch_size)` batches.
+  """
+  sharding = sharding or Sharding.from_jax()
+  local_batch = _local_batch_size(batch_size, sharding)
+  usable = steps_per_epoch(len(indices), batch_size) * batch_size
+  if not usable:
+    raise ValueError(f'{len(indices)} knees make no batch of {batch_size}')
+  ds = grain.MapDataset.source(_Subset(cache.source(), np.asarray(indices)))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  # Indices past an epoch's end fall through shuffle, slice and source into
+  # the next epoch with a new order, so cutting and striding here acts on
+  # every epoch: each one is whole batches, and processes get disjoint shares.
+  ds = ds[:usable][sharding.index::sharding.count].repeat(num_epochs)
+  ds = ds.map(DecodeView(view, cache.meta['roi_mm']))
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def _mark_flags_parsed() -> None:
+  # Grain 0.2.18 worker processes read an absl flag and crash with
+  # UnparsedFlagAccessError unless flags were parsed (google/grain#1355).
+  # Programs run by absl.app have parsed them already.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
+                worker_buffer_size: int = 2,
+                read_threads: int | None = None) -> grain.DatasetIterator:
+  """A checkpointable iterator over `ds`, optionally fed by worker processes.
+
+  Args:
+    ds: a MapDataset, e.g. from `knee_dataset`.
+    worker_count: worker processes (0 = read and decode in this process,
+      with `read_threads` threads).
+    worker_buffer_size: batches each worker prepares ahead.
+    read_threads: threads per process reading and mapping elements (Grain's
+      default when None).
+  """
+  read_options = (grain.ReadOptions() if read_threads is None
+                  else grain.ReadOptions(num_threads=read_threads))
+  it_ds = ds.to_iter_dataset(read_options)
+  if worker_count > 0:
+    _mark_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return iter(it_ds)
+
+
+def make_streams(cache: cache_lib.Cache, *,
+                 labeled: Sequence[int] | np.ndarray,
+                 unlabeled: Sequence[int] | np.ndarray | None = None,
+                 view: str = 'siamese', batch_size: int,
+                 unlabeled_batch_size: int | None = None, seed: int = 0,
+                 num_epochs: int | None = None, worker_count: int = 0,
+                 read_threads: int | None = None,
+                 sharding: Sharding | None = None
+                 ) -> dict[str, grain.DatasetIterator]:
+  """Training streams: {'labeled': ..., 'unlabeled': ... (if given)}.
+
+  The labeled stream runs `num_epochs` passes (None: endlessly) at
+  `batch_size`; the unlabeled stream repeats endlessly at
+  `unlabeled_batch_size` (default `batch_size`) with an independent shuffle,
+  so one labeled epoch can see any number of unlabeled batches. Each stream
+  gets `worker_count` worker processes of its own.
+  """
+  common = dict(view=view, sharding=sharding)
+  io = dict(worker_count=worker_count, read_threads=read_threads)
+  streams = {'labeled': to_iterator(knee_dataset(
+      cache, labeled, batch_size=batch_size, seed=seed,
+      num_epochs=num_epochs, **common), **io)}
+  if unlabeled is not None:
+    # A seed far from the labeled one: Grain shuffles epoch e with seed + e,
+    # so nearby seeds would reuse the labeled stream's permutations.
+    streams['unlabeled'] = to_iterator(knee_dataset(
+        cache, unlabeled, batch_size=unlabeled_batch_size or batch_size,
+        seed=(seed + 2**31) % 2**32, num_epochs=None, **common), **io)
+  return streams
+
+
+def eval_batches(cache: cache_lib.Cache, indices: Sequence[int] | np.ndarray,
+                 *, view: str = 'siamese', batch_size: int,
+                 sharding: Sharding | None = None,
+                 read_threads: int | None = None) -> grain.DatasetIterator:
+  """Every knee of `indices` once, in order; the last batch may be short.
+
+  `batch_size` is global, as in `knee_dataset`. With several processes the
+  shares differ by at most one knee, so processes may see different numbers
+  of batches: multi-host evaluation must pad or gather per process.
+  """
+  sharding = sharding or Sharding.from_jax()
+  local_batch = _local_batch_size(batch_size, sharding)
+  ds = grain.MapDataset.source(_Subset(cache.source(), np.asarray(indices)))
+  ds = ds[sharding.index::sharding.count]
+  ds = ds.map(DecodeView(view, cache.meta['roi_mm']))
+  ds = ds.batch(local_batch, drop_remainder=False)
+  return to_iterator(ds, read_threads=read_threads)

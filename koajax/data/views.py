@@ -1,0 +1,138 @@
+"""Method views: what each method's network sees, cut from a stored knee ROI.
+
+The cache stores one square ROI of `roi_mm` millimetres per knee (left knees
+flipped to look like right ones, so the lateral side is on the image left).
+The views here are plain NumPy/PIL so they run inside Grain worker processes:
+
+  siamese   Semixup / active learning / confidence-driven Siamese nets: the
+            central 110 mm resized to 300 px, rows 100:228, the lateral patch
+            from cols 0:128 and the medial patch from cols 172:300 mirrored
+            horizontally, stacked as (2, 128, 128).
+  whole     multi-task OARSI grading: the whole ROI resized to `size` px.
+  keypoints coherence learning: the whole ROI resized to 320 px, with the
+            landmarks rescaled to match.
+
+Coordinates follow the pixel-index convention of NumPy and scipy.ndimage: the
+centre of pixel (row r, col c) is the point (x=c, y=r). Keypoints are (x, y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Siamese view geometry (DESIGN.md "method views").
+SIAMESE_CROP_MM = 110.0
+SIAMESE_RESIZE_PX = 300
+SIAMESE_ROWS = (100, 228)
+SIAMESE_PATCH_PX = 128
+LATERAL_COLS = (0, SIAMESE_PATCH_PX)
+MEDIAL_COLS = (SIAMESE_RESIZE_PX - SIAMESE_PATCH_PX, SIAMESE_RESIZE_PX)
+
+WHOLE_KNEE_PX = 300
+KEYPOINTS_PX = 320
+
+
+def _resize(image: np.ndarray, size: int,
+            box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+  """Bilinear resize of `box` (left, upper, right, lower; edges) to size^2.
+
+  PIL takes a float box, so a crop whose edges fall between pixels is resampled
+  exactly instead of being rounded to whole pixels first.
+  """
+  pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+  return np.asarray(
+      pil.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+def central_crop_box(roi_px: int, roi_mm: float,
+                     crop_mm: float) -> tuple[float, float, float, float]:
+  """The centred square of `crop_mm` in a `roi_mm` ROI, as a PIL box."""
+  if not 0 < crop_mm <= roi_mm:
+    raise ValueError(f'cannot crop {crop_mm} mm from a {roi_mm} mm ROI')
+  side = roi_px * crop_mm / roi_mm
+  lo = (roi_px - side) / 2
+  return (lo, lo, lo + side, lo + side)
+
+
+def siamese_pair(roi: np.ndarray, roi_mm: float) -> np.ndarray:
+  """The (lateral, mirrored medial) patch pair, (2, 128, 128) uint8.
+
+  Each patch is resampled straight from its region of the ROI, the region
+  that rows 100:228 and its cols cover once the central 110 mm are resized to
+  300 px: the same pixels (to rounding) at a third of the cost of resizing
+  the whole crop.
+  """
+  lo, _, hi, _ = central_crop_box(roi.shape[0], roi_mm, SIAMESE_CROP_MM)
+  step = (hi - lo) / SIAMESE_RESIZE_PX  # ROI pixels per resized pixel
+  top, bottom = (lo + r * step for r in SIAMESE_ROWS)
+
+  def patch(cols: tuple[int, int]) -> np.ndarray:
+    left, right = (lo + c * step for c in cols)
+    return _resize(roi, SIAMESE_PATCH_PX, (left, top, right, bottom))
+
+  # Mirroring makes the medial compartment look like a lateral one, so one
+  # shared branch sees both with the same orientation.
+  return np.stack([patch(LATERAL_COLS), patch(MEDIAL_COLS)[:, ::-1]])
+
+
+def whole_knee(roi: np.ndarray, size: int = WHOLE_KNEE_PX) -> np.ndarray:
+  """The whole ROI resized to (size, size) uint8."""
+  return _resize(roi, size)
+
+
+def rescale_keypoints(keypoints: np.ndarray, from_px: int,
+                      to_px: int) -> np.ndarray:
+  """Maps (x, y) points from a from_px^2 image onto its to_px^2 resize.
+
+  Pixel centres sit half a pixel in from the edges, hence the +-0.5; unknown
+  (NaN) points stay NaN.
+  """
+  scale = to_px / from_px
+  return ((np.asarray(keypoints, np.float32) + 0.5) * scale - 0.5).astype(
+      np.float32)
+
+
+def with_keypoints(roi: np.ndarray, keypoints: np.ndarray,
+                   size: int = KEYPOINTS_PX) -> tuple[np.ndarray, np.ndarray]:
+  """The whole ROI at (size, size) and its keypoints in the new pixels."""
+  return whole_knee(roi, size), rescale_keypoints(keypoints, roi.shape[0], size)
+
+
+# A view turns a decoded knee into the arrays a network takes.
+View = Callable[[dict[str, Any], float], dict[str, np.ndarray]]
+
+
+def _siamese_view(knee: dict[str, Any], roi_mm: float) -> dict[str, np.ndarray]:
+  return {'image': siamese_pair(knee['image'], roi_mm)}
+
+
+def _whole_view(knee: dict[str, Any], roi_mm: float) -> dict[str, np.ndarray]:
+  del roi_mm  # the whole ROI, whatever its extent
+  return {'image': whole_knee(knee['image'])}
+
+
+def _keypoints_view(knee: dict[str, Any],
+                    roi_mm: float) -> dict[str, np.ndarray]:
+  del roi_mm
+  image, keypoints = with_keypoints(knee['image'], knee['keypoints'])
+  return {'image': image, 'keypoints': keypoints}
+
+
+VIEWS: dict[str, View] = {
+    'siamese': _siamese_view,
+    'whole': _whole_view,
+    'keypoints': _keypoints_view,
+}
+
+
+def get_view(name: str) -> View:
+  """The view function called `name` (one of VIEWS) or a clear error."""
+  try:
+    return VIEWS[name]
+  except KeyError:
+    raise ValueError(
+        f'unknown view {name!r}; choose one of {sorted(VIEWS)}') from None
