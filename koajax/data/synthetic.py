@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+import tqdm
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from koajax.data import anatomy
 from koajax.data import grading
+from koajax.data import radiograph
 from koajax.data import schema
 
 DEFAULT_NUM_SUBJECTS = 560  # about 3,000 knees with the default visits
@@ -163,7 +165,7 @@ def render_task(task: ImageTask) -> tuple[np.ndarray, np.ndarray, Site]:
         side=side, shape=shapes[side],
         disease=anatomy.Disease(task.severity[i], task.levels[i]),
         pose=anatomy.sample_pose(rng, side, detector)))
-  pixels, points = anatomy.render(knees, detector, rng)
+  pixels, points = radiograph.render(knees, detector, rng)
   return pixels, points, site
 
 
@@ -352,7 +354,7 @@ def _run(tasks: list[ImageTask], out_dir: Path,
 
 def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
              seed: int = 0, workers: int | None = None,
-             **options: Any) -> dict[str, Any]:
+             show_progress: bool = True, **options: Any) -> dict[str, Any]:
   """Generates the synthetic dataset in `out_dir`.
 
   Args:
@@ -360,6 +362,7 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
     num_subjects: number of subjects (each ~2.75 visits x 2 knees).
     seed: the seed; equal seeds give byte-identical files.
     workers: worker processes (default: all CPUs); results do not depend on it.
+    show_progress: show a progress bar on stderr.
     **options: fields of `grading.CohortConfig`, e.g. reader_noise=0.4,
       ungraded_fraction=0.5, visits=(0, 12) with attendance=(1.0, 0.8).
 
@@ -373,7 +376,10 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
   if workers is None:
     workers = os.cpu_count() or 1
   points = np.zeros((len(tasks), len(schema.SIDES), schema.NUM_LANDMARKS, 2))
-  for index, p in _run(tasks, out_dir, workers):
+  progress = tqdm.tqdm(_run(tasks, out_dir, workers), total=len(tasks),
+                       unit='image', desc='generating radiographs',
+                       disable=not show_progress)
+  for index, p in progress:
     points[index] = p
 
   knees[list(schema.MANIFEST_COLUMNS)].to_csv(out_dir / MANIFEST, index=False)
