@@ -184,12 +184,36 @@ def continuous_severity(s: np.ndarray, cuts: np.ndarray) -> np.ndarray:
   return np.clip(np.interp(s, edges, np.arange(6.0)), 0.0, 4.999)
 
 
+def _perceive(c: np.ndarray, rng: np.random.Generator,
+              config: CohortConfig) -> np.ndarray:
+  # Heavy tails: most disagreements are one grade, a few are two.
+  error = config.reader_noise * rng.standard_t(4, c.shape)
+  return np.clip(c + error, 0.0, 4.999)
+
+
+@functools.lru_cache(maxsize=8)
+def _reader_calibration(config: CohortConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Quantiles of perceived and of true severity over a large cohort.
+
+  Noise alone would move knees out of the end grades (a KL 0 knee can only be
+  misread upwards), so recorded grades would drift away from the target KL
+  mix. Mapping perceived severity through these quantiles keeps the reader's
+  ranking of knees and gives recorded grades the target mix, as a real
+  reader's grades have the cohort's mix.
+  """
+  rng = np.random.default_rng(20240918)
+  s, attended = _latent(rng, 40_000, config)
+  c = continuous_severity(s.transpose(0, 2, 1)[attended].ravel(),
+                          kl_cut_points(config))
+  q = np.linspace(0.0, 1.0, 2001)
+  return np.quantile(_perceive(c, rng, config), q), np.quantile(c, q)
+
+
 def read(c: np.ndarray, traits: KneeTraits, rng: np.random.Generator,
          config: CohortConfig = CohortConfig()) -> np.ndarray:
   """Grades (n, 7) that a reader records for knees of true severity `c`."""
-  # Heavy tails: most disagreements are one grade, a few are two.
-  error = config.reader_noise * rng.standard_t(4, c.shape)
-  perceived = np.clip(c + error, 0.0, 4.999)
+  perceived = np.interp(_perceive(c, rng, config),
+                        *_reader_calibration(config))
   grades = grades_from_levels(perceived, oarsi_levels(perceived, traits))
   flip = rng.random(grades[:, 1:].shape) < config.oarsi_flip
   step = rng.choice([-1, 1], size=flip.shape)
