@@ -4,6 +4,8 @@ Kept short on purpose: it parses flags and calls one library function chosen
 by `config.job`; the logic lives in modules that tests import.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -20,12 +22,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Library code logs through the standard logging module; show its INFO too.
-  logging.set_verbosity(logging.INFO)
+  # koajax's own INFO messages, without the libraries' (Orbax logs every
+  # file it writes).
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger('koajax').setLevel(std_logging.INFO)
   config = _CONFIG.value
   if config.job == 'prepare_data':
     from koajax import prepare
     prepare.prepare_data(config, _WORKDIR.value)
+  elif config.job == 'train':
+    from koajax import train
+    train.train_and_evaluate(config, _WORKDIR.value)
   else:
     raise app.UsageError(f'config.job={config.job!r} is not a koajax job')
 

@@ -1,0 +1,14 @@
+"""Interpolation consistency training (weight ramped to 100 over 80 epochs, no labeled mixup).
+
+  python -m koajax.main --config=configs/ict.py:quick --workdir=/tmp/koajax-ict
+
+Presets (`:default`, `:quick`, `:smoke`) are described in
+`koajax.config_lib.semixup_family_config`; change single fields with
+`--config.split.labels_per_grade=50` and the like.
+"""
+
+from koajax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.semixup_family_config('ict', arg)

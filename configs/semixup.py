@@ -1,0 +1,14 @@
+"""Semixup: in-/out-of-manifold and interpolation consistency (paper Algorithm 1).
+
+  python -m koajax.main --config=configs/semixup.py:quick --workdir=/tmp/koajax-semixup
+
+Presets (`:default`, `:quick`, `:smoke`) are described in
+`koajax.config_lib.semixup_family_config`; change single fields with
+`--config.split.labels_per_grade=50` and the like.
+"""
+
+from koajax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.semixup_family_config('semixup', arg)

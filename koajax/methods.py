@@ -1,0 +1,219 @@
+"""Training methods: how a batch becomes a loss.
+
+A method is a pure function
+
+    method(forward, batch, key, *, epoch) -> (loss, aux)
+
+where `forward(images, key)` runs the model in training mode (dropout on, keyed
+by `key`) on float Siamese pairs (N, 2, H, W), `batch` holds uint8 images
+('labeled', and 'unlabeled' for the semi-supervised methods), and `epoch` is
+the (fractional) epoch for ramp-ups. Augmentation happens here, on the
+device, so it fuses into the jitted step. Every forward pass a method needs is
+made as ONE call on the concatenated views: one big batch runs faster than
+several small ones and gives each view its own dropout mask all the same.
+
+The losses themselves are the pure functions of `koajax.losses`; a method is
+the recipe of views around one of them, and a config picks it by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from koajax import losses
+from koajax.data import augment
+
+Array = jax.Array
+Forward = Callable[[Array, Array], Array]
+Method = Callable[..., tuple[Array, dict[str, Array]]]
+
+
+def _augment(key: Array, images: Array) -> Array:
+  """Semixup's Table S1 augmentation, one independent draw per knee."""
+  return augment.augment_batch(augment.semixup_augment, key, images)
+
+
+def _split_sizes(*sizes: int) -> list[int]:
+  out, total = [], 0
+  for s in sizes[:-1]:
+    total += s
+    out.append(total)
+  return out
+
+
+def _forward(forward: Forward, key: Array, *views: Array) -> list[Array]:
+  """Logits of several view batches from a single forward pass."""
+  logits = forward(jnp.concatenate(views), key)
+  return jnp.split(logits, _split_sizes(*[v.shape[0] for v in views]))
+
+
+def supervised(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+               epoch: Array) -> tuple[Array, dict[str, Array]]:
+  """SL: cross-entropy on augmented labeled knees."""
+  del epoch
+  k_aug, k_fwd = jax.random.split(key)
+  x = _augment(k_aug, batch['labeled']['image'])
+  (logits,) = _forward(forward, k_fwd, x)
+  return losses.cross_entropy(logits=logits, labels=batch['labeled']['kl'])
+
+
+def mixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+          epoch: Array, alpha: float = 0.75,
+          floor: float | None = None) -> tuple[Array, dict[str, Array]]:
+  """Mixup on labeled knees: lam CE(mix, y_i) + (1 - lam) CE(mix, y_j)."""
+  del epoch
+  k_aug, k_lam, k_perm, k_fwd = jax.random.split(key, 4)
+  x, y = _augment(k_aug, batch['labeled']['image']), batch['labeled']['kl']
+  lam = losses.sample_mix_lambda(k_lam, alpha=alpha, floor=floor)
+  perm = losses.mixing_permutation(k_perm, x.shape[0])
+  (logits,) = _forward(forward, k_fwd, losses.mix(x, x[perm], lam))
+  return losses.mixup(logits_mixed=logits, labels_a=y, labels_b=y[perm],
+                      lam=lam)
+
+
+def _consistency_pool(batch: Mapping[str, Any]) -> Array:
+  """The knees consistency terms use: labeled and unlabeled together."""
+  return jnp.concatenate([batch['labeled']['image'],
+                          batch['unlabeled']['image']])
+
+
+def pi_model(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+             epoch: Array, weight: float = 1.0
+             ) -> tuple[Array, dict[str, Array]]:
+  """Pi-model: CE + ||f(Tx) - f(T'x)||^2 over labeled U unlabeled knees."""
+  del epoch
+  k1, k2, k3, k_fwd = jax.random.split(key, 4)
+  pool = _consistency_pool(batch)
+  logits_l, logits_1, logits_2 = _forward(
+      forward, k_fwd, _augment(k1, batch['labeled']['image']),
+      _augment(k2, pool), _augment(k3, pool))
+  return losses.pi_model(
+      logits_labeled=logits_l, labels=batch['labeled']['kl'],
+      probs_view1=jax.nn.softmax(logits_1), probs_view2=jax.nn.softmax(logits_2),
+      weight=weight)
+
+
+def ict(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+        epoch: Array, max_weight: float = 100.0, rampup_epochs: float = 80.0,
+        alpha: float = 0.75) -> tuple[Array, dict[str, Array]]:
+  """ICT: CE (no mixup) + w(t) ||f(Mix(u_i, u_j)) - Mix(f(u_i), f(u_j))||^2.
+
+  The weight ramps from 0 to `max_weight` with the sigmoid ramp-up over
+  `rampup_epochs`. With no teacher network (no EMA), the targets f(u) come
+  from the model itself in the same pass and are held constant.
+  """
+  k_l, k_u, k_lam, k_perm, k_fwd = jax.random.split(key, 5)
+  u = _augment(k_u, _consistency_pool(batch))
+  lam = losses.sample_mix_lambda(k_lam, alpha=alpha)
+  perm = losses.mixing_permutation(k_perm, u.shape[0])
+  logits_l, logits_u, logits_mix = _forward(
+      forward, k_fwd, _augment(k_l, batch['labeled']['image']), u,
+      losses.mix(u, u[perm], lam))
+  probs_u = jax.nn.softmax(logits_u)
+  weight = max_weight * losses.sigmoid_rampup(epoch, rampup_epochs)
+  loss, aux = losses.ict(
+      logits_labeled=logits_l, labels=batch['labeled']['kl'],
+      probs_mixed=jax.nn.softmax(logits_mix),
+      probs_target_mixed=losses.mix(probs_u, probs_u[perm], lam),
+      weight=weight)
+  return loss, {**aux, 'consistency_weight': weight}
+
+
+def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+             epoch: Array, num_augmentations: int = 2,
+             temperature: float = 0.5, alpha: float = 0.75,
+             weight_u: float = 10.0, num_classes: int = 5
+             ) -> tuple[Array, dict[str, Array]]:
+  """MixMatch: guessed labels from K views, mixup over labeled U unlabeled."""
+  del epoch
+  k_l, k_u, k_lam, k_perm, k_guess, k_fwd = jax.random.split(key, 6)
+  x = _augment(k_l, batch['labeled']['image'])
+  u_images = batch['unlabeled']['image']
+  u_views = jnp.stack([_augment(k, u_images) for k in
+                       jax.random.split(k_u, num_augmentations)])
+  n_u = u_images.shape[0]
+  # The guess is made with dropout as in training; it carries no gradient.
+  guess_logits = _forward(forward, k_guess,
+                          u_views.reshape(-1, *u_images.shape[1:]))[0]
+  guess = losses.mixmatch_guess(
+      jax.nn.softmax(guess_logits).reshape(num_augmentations, n_u, -1),
+      temperature)
+  inputs = jnp.concatenate([x, u_views.reshape(-1, *u_images.shape[1:])])
+  targets = jnp.concatenate([
+      jax.nn.one_hot(batch['labeled']['kl'], num_classes),
+      jnp.tile(guess, (num_augmentations, 1))])
+  # One coefficient per sample, folded >= 0.5 so each mix stays closer to
+  # its own (labeled or unlabeled) sample.
+  lam = losses.sample_mix_lambda(k_lam, alpha=alpha, shape=(inputs.shape[0],))
+  perm = losses.mixing_permutation(k_perm, inputs.shape[0])
+  mixed = losses.mix(inputs, inputs[perm], lam)
+  mixed_targets = losses.mix(targets, targets[perm], lam)
+  n_l = x.shape[0]
+  (logits,) = _forward(forward, k_fwd, mixed)
+  return losses.mixmatch(
+      logits_labeled_mixed=logits[:n_l],
+      targets_labeled_mixed=mixed_targets[:n_l],
+      probs_unlabeled_mixed=jax.nn.softmax(logits[n_l:]),
+      targets_unlabeled_mixed=mixed_targets[n_l:], weight_u=weight_u)
+
+
+def semixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
+            epoch: Array, terms: losses.SemixupTerms = losses.SemixupTerms(),
+            alpha: float = 0.75, floor_unlabeled: float | None = None,
+            floor_labeled: float | None = None,
+            interpolate: str = 'probs', stop_gradient: bool = True
+            ) -> tuple[Array, dict[str, Array]]:
+  """Semixup (paper Algorithm 1) over labeled U unlabeled knees.
+
+  Tx and T'x are two independent augmentations; the mixing partner x_j is
+  Tx permuted within the batch, so f(x_j) is f(Tx) permuted and costs no
+  extra pass. Paper defaults; `floor_*=0.55/0.7, interpolate='logits',
+  stop_gradient=False` reproduce the reference code.
+  """
+  del epoch
+  k1, k2, k_l, k_lam, k_lam_l, k_perm, k_perm_l, k_fwd = jax.random.split(key, 8)
+  pool = _consistency_pool(batch)
+  t1, t2 = _augment(k1, pool), _augment(k2, pool)
+  lam = losses.sample_mix_lambda(k_lam, alpha=alpha, floor=floor_unlabeled)
+  perm = losses.mixing_permutation(k_perm, pool.shape[0])
+  x_l, y = _augment(k_l, batch['labeled']['image']), batch['labeled']['kl']
+  lam_l = losses.sample_mix_lambda(k_lam_l, alpha=alpha, floor=floor_labeled)
+  perm_l = losses.mixing_permutation(k_perm_l, x_l.shape[0])
+  if terms.mixup_labeled:
+    x_l = losses.mix(x_l, x_l[perm_l], lam_l)
+  logits_l, logits_1, logits_2, logits_mix = _forward(
+      forward, k_fwd, x_l, t1, t2, losses.mix(t1, t1[perm], lam))
+  return losses.semixup(
+      logits_labeled=logits_l, labels=y, labels_partner=y[perm_l],
+      lam_labeled=lam_l, logits_aug1=logits_1, logits_aug2=logits_2,
+      logits_mixed=logits_mix, logits_partner=logits_1[perm], lam=lam,
+      terms=terms, interpolate=interpolate, stop_gradient=stop_gradient)
+
+
+METHODS: dict[str, Method] = {
+    'supervised': supervised,
+    'mixup': mixup,
+    'pi_model': pi_model,
+    'ict': ict,
+    'mixmatch': mixmatch,
+    'semixup': semixup,
+}
+SEMI_SUPERVISED = frozenset({'pi_model', 'ict', 'mixmatch', 'semixup'})
+
+
+def from_config(config: ml_collections.ConfigDict) -> Method:
+  """The method `config.method` names, with `config.method_kwargs` bound."""
+  if config.method not in METHODS:
+    raise ValueError(f'unknown method {config.method!r}; '
+                     f'choose one of {", ".join(METHODS)}')
+  kwargs = dict(config.get('method_kwargs', {}))
+  if config.method == 'semixup':
+    terms = kwargs.pop('terms', {})
+    kwargs['terms'] = losses.SemixupTerms(**dict(terms))
+  return functools.partial(METHODS[config.method], **kwargs)

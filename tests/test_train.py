@@ -1,0 +1,133 @@
+"""The trainer end to end on the smoke presets: every method, resume, devices."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from koajax import methods
+from koajax import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load_config(name, arg='smoke'):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def smoke_config(name, data_root, **overrides):
+  config = load_config(name)
+  config.data.root = data_root
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('method', sorted(methods.METHODS))
+def test_every_method_trains_and_reports(method, data_root, tmp_path):
+  config = smoke_config(method, data_root)
+  result = train.train_and_evaluate(config, tmp_path)
+  assert np.isfinite(result['metrics']['kappa']['estimate'])
+  # metrics.json agrees with scikit-learn recomputed from predictions.csv.
+  predictions = pd.read_csv(tmp_path / 'predictions.csv')
+  probs = predictions[[f'p{k}' for k in range(5)]].to_numpy()
+  written = json.loads((tmp_path / 'metrics.json').read_text())['metrics']
+  np.testing.assert_allclose(
+      written['balanced_accuracy']['estimate'],
+      skm.balanced_accuracy_score(predictions['kl'], probs.argmax(1)))
+  np.testing.assert_allclose(
+      written['kappa']['estimate'],
+      skm.cohen_kappa_score(predictions['kl'], probs.argmax(1),
+                            weights='quadratic'))
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+  log = [json.loads(line) for line in
+         (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert all(np.isfinite(r['train/loss']) for r in log if 'train/loss' in r)
+  for name in ('confusion_matrix.png', 'roc.png', 'pr.png'):
+    assert (tmp_path / name).stat().st_size > 1000
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def _params(workdir, config):
+  trainer = train.Trainer(config, workdir)
+  trainer.restore()
+  return jax.tree.map(np.asarray, trainer.state.params)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(data_root, tmp_path):
+  """Stopping after epoch 1 and rerunning gives the same weights and metrics."""
+  # A semi-supervised method, so both Grain streams are restored.
+  full = smoke_config('pi_model', data_root, num_epochs=3)
+  train.train_and_evaluate(full, tmp_path / 'full')
+
+  # The same command in one workdir, first cut short after one epoch (as a
+  # kill after the first checkpoint would), then run to the end.
+  train.train_and_evaluate(smoke_config('pi_model', data_root, num_epochs=1),
+                           tmp_path / 'resumed')
+  train.train_and_evaluate(full, tmp_path / 'resumed')
+
+  a, b = _params(tmp_path / 'full', full), _params(tmp_path / 'resumed', full)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  ma = json.loads((tmp_path / 'full' / 'metrics.json').read_text())
+  mb = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())
+  assert ma['metrics'] == mb['metrics']
+
+
+def test_non_finite_loss_stops_with_a_clear_message(data_root, tmp_path):
+  config = smoke_config('supervised', data_root, num_epochs=3)
+  config.optimizer.learning_rate = float('nan')
+  with pytest.raises(train.NonFiniteLossError, match='last good checkpoint'):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_step_agrees_on_one_and_eight_devices(data_root, tmp_path):
+  config = smoke_config('supervised', data_root)
+  trainer = train.Trainer(config, tmp_path)
+  batch = {name: {k: np.asarray(v) for k, v in next(it).items()
+                  if k in ('image', 'kl')}
+           for name, it in trainer.streams.items()}
+  key = jax.random.key(3)
+  host_state = jax.device_get(trainer.state)  # the step donates its input
+
+  def run(devices):
+    mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    rep = jax.NamedSharding(mesh, jax.P())
+    data = jax.NamedSharding(mesh, jax.P('data'))
+    state = jax.device_put(host_state, rep)
+    sharded = jax.device_put(batch, data)
+    with jax.set_mesh(mesh):
+      new_state, metrics = trainer._train_step(state, sharded, key)
+    return jax.device_get((new_state.params, metrics))
+
+  assert jax.device_count() == 8
+  one = run(jax.devices()[:1])
+  eight = run(jax.devices())
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4,
+                                                       atol=2e-6), one, eight)
+
+
+def test_train_step_compiles_once(data_root, tmp_path):
+  config = smoke_config('supervised', data_root, num_epochs=4)
+  trainer = train.Trainer(config, tmp_path)
+  with jax.set_mesh(trainer.mesh):
+    trainer.train()
+  assert trainer.total_steps >= 4
+  assert trainer._train_step._cache_size() == 1
