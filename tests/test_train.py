@@ -73,13 +73,13 @@ def _params(workdir, config):
 
 def test_resumed_run_ends_like_an_uninterrupted_one(data_root, tmp_path):
   """Stopping after epoch 1 and rerunning gives the same weights and metrics."""
-  # A semi-supervised method, so both Grain streams are restored.
-  full = smoke_config('pi_model', data_root, num_epochs=3)
+  # (Restoring both Grain streams mid-epoch is tested in test_pipeline.)
+  full = smoke_config('supervised', data_root, num_epochs=3)
   train.train_and_evaluate(full, tmp_path / 'full')
 
   # The same command in one workdir, first cut short after one epoch (as a
   # kill after the first checkpoint would), then run to the end.
-  train.train_and_evaluate(smoke_config('pi_model', data_root, num_epochs=1),
+  train.train_and_evaluate(smoke_config('supervised', data_root, num_epochs=1),
                            tmp_path / 'resumed')
   train.train_and_evaluate(full, tmp_path / 'resumed')
 
