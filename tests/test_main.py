@@ -52,3 +52,13 @@ def test_prepare_data_smoke_builds_once_and_summarises(tmp_path, monkeypatch):
   stamp = (cache_dir / cache_lib.META).stat().st_mtime_ns
   prepare.prepare_data(config, tmp_path / 'work2')
   assert (cache_dir / cache_lib.META).stat().st_mtime_ns == stamp
+
+
+def test_a_cache_built_with_other_geometry_is_not_reused(tmp_path, monkeypatch):
+  monkeypatch.setenv('KOAJAX_DATA_DIR', str(tmp_path / 'data'))
+  config = _load_config('data', 'smoke')
+  first = sources.resolve_cache(config.data)
+  config.data.cache_dir = str(first.dir)
+  config.data.roi_mm = 120.0
+  with pytest.raises(ValueError, match='built with roi_mm=140.0'):
+    sources.resolve_cache(config.data)

@@ -77,4 +77,11 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
     build.build_cache(manifest, cache_dir, landmarks=landmarks,
                       roi_mm=cfg.roi_mm, roi_px=cfg.roi_px,
                       workers=_workers(cfg))
-  return cache.open_cache(cache_dir)
+  opened = cache.open_cache(cache_dir)
+  built = (opened.meta['roi_mm'], opened.meta['roi_px'])
+  if built != (cfg.roi_mm, cfg.roi_px):
+    raise ValueError(
+        f'{cache_dir} was built with roi_mm={built[0]}, roi_px={built[1]}, '
+        f'but the config asks for roi_mm={cfg.roi_mm}, roi_px={cfg.roi_px}; '
+        f'set data.cache_dir to another folder or rebuild this one')
+  return opened
