@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
+from koajax import metric_writers
 from koajax import methods
 from koajax import models
 from koajax.data import pipeline
@@ -41,7 +42,6 @@ from koajax.data import sources
 from koajax.data import splits as splits_lib
 from koajax.evaluation import metrics as metrics_lib
 from koajax.evaluation import report
-from koajax import metric_writers
 
 log = logging.getLogger(__name__)
 

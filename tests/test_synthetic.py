@@ -187,7 +187,6 @@ def test_kl_distribution_and_progression(cohort):
   for grades in (cohort['true'], cohort['recorded']):
     freq = np.bincount(grades[:, 0], minlength=5) / len(grades)
     np.testing.assert_allclose(freq, target, atol=0.03)
-  kl = cohort['true'][:, 0]
   # Per knee, true grades never regress over visits, and some progress.
   frame = pd.DataFrame({'knee': cohort['knee'], 'visit': cohort['visit']})
   frame[list(schema.GRADES)] = cohort['true']
