@@ -63,6 +63,9 @@ def semixup_family_config(method: str, arg: str | None,
   config.seed = 0
   config.data = data_config()
   config.data_workers = 0  # Grain worker processes per stream
+  # CPU only: split the host into this many devices (koajax.runtime); the
+  # batch is sharded over the largest count that divides it. 0: JAX default.
+  config.cpu_devices = 32
   config.split = ml_collections.ConfigDict({
       'labels_per_grade': 100,
       'unlabeled_factor': 2,  # unlabeled = factor x labeled knees

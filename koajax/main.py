@@ -31,6 +31,8 @@ def main(argv):
     from koajax import prepare
     prepare.prepare_data(config, _WORKDIR.value)
   elif config.job == 'train':
+    from koajax import runtime
+    runtime.configure_cpu_devices(config.cpu_devices)
     from koajax import train
     train.train_and_evaluate(config, _WORKDIR.value)
   else:

@@ -37,6 +37,7 @@ from flax import nnx
 from koajax import metric_writers
 from koajax import methods
 from koajax import models
+from koajax import runtime
 from koajax.data import pipeline
 from koajax.data import sources
 from koajax.data import splits as splits_lib
@@ -167,8 +168,10 @@ class Trainer:
     self.splits = make_splits(self.cache.index, config.split)
     self.semi = config.method in methods.SEMI_SUPERVISED
 
-    self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = runtime.data_mesh(
+        config.batch_size,
+        *([config.unlabeled_batch_size or config.batch_size] if self.semi
+          else []))
     self.replicated = jax.NamedSharding(self.mesh, jax.P())
     self.data_sharding = jax.NamedSharding(self.mesh, jax.P('data'))
 
@@ -260,7 +263,7 @@ class Trainer:
 
   def predict(self, state: TrainState, indices: np.ndarray) -> np.ndarray:
     """Class probabilities of the knees at `indices`, in order."""
-    n_dev = jax.device_count()
+    n_dev = self.mesh.size
     batch = self.config.eval_batch_size
     probs = []
     for b in pipeline.eval_batches(self.cache, indices, batch_size=batch,

@@ -1,0 +1,64 @@
+"""Where the computation runs: CPU device count and the data-parallel mesh.
+
+XLA's CPU convolutions keep two cores busy poorly inside one device, while
+many host devices, each running its share of the batch, keep them busy: on a
+2-core Xeon the Semixup network's SL step (batch 32) took 19 s on 1 CPU
+device, 9.3 s on 8 and 6.0 s on 32 (see benchmarks/README.md). So on a CPU
+koajax splits the host into `cpu_devices` devices and shards every batch
+over them, the same data parallelism that spreads a batch over accelerators.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_DEVICES = 32
+
+
+def configure_cpu_devices(count: int) -> None:
+  """Splits the host into `count` CPU devices; call before JAX starts.
+
+  `count` <= 0 keeps JAX's default (one device, or what XLA_FLAGS forces).
+  Accelerators are untouched: on a GPU machine the GPUs stay the default
+  devices. Once JAX has created its backends the count can no longer change;
+  then this logs what it found and returns.
+  """
+  if count <= 0:
+    return
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return  # an explicit XLA_FLAGS setting wins
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError as e:  # backends already initialised
+    log.warning('cpu_devices=%d not applied (%s); using %d devices',
+                count, e, jax.device_count())
+
+
+def data_mesh(*batch_sizes: int) -> jax.sharding.Mesh:
+  """A one-axis ('data') mesh whose size divides every batch size.
+
+  With one process it uses the largest device count that divides the batch
+  sizes, so batch 40 on 32 CPU devices runs on 20 of them. With several
+  processes every device takes part and the batch sizes must divide evenly.
+  """
+  devices = jax.devices()
+  if jax.process_count() > 1:
+    for b in batch_sizes:
+      if b % len(devices):
+        raise ValueError(
+            f'batch size {b} does not divide over {len(devices)} devices in '
+            f'{jax.process_count()} processes; choose a multiple of '
+            f'{len(devices)}')
+    n = len(devices)
+  else:
+    g = math.gcd(*batch_sizes)
+    n = max(d for d in range(1, len(devices) + 1)
+            if g % d == 0)
+  return jax.make_mesh((n,), ('data',), devices=devices[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
