@@ -107,4 +107,4 @@ class Step:
     loss = self.loss(self.net, batch)
     loss.backward()
     self.opt.step()
-    return float(loss)
+    return float(loss.detach())

@@ -55,6 +55,9 @@ class TrainState:
   opt_state: Any
 
 
+CONFIG_JSON = 'config.json'
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -205,6 +208,10 @@ class Trainer:
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
         for name in ('balanced_accuracy', 'kappa')}
     self.best_values = {name: -math.inf for name in self.best}
+    if jax.process_index() == 0:
+      # What `koajax.evaluate` needs to rebuild this run.
+      (self.workdir / CONFIG_JSON).write_text(config.to_json_best_effort(
+          indent=1))
 
   # -- checkpoints ---------------------------------------------------------
 
@@ -241,13 +248,27 @@ class Trainer:
             state=ocp.args.StandardSave(self.state)), force=True)
         manager.wait_until_finished()
 
-  def load_best(self, name: str = 'balanced_accuracy') -> TrainState:
-    manager = self.best[name]
-    step = manager.latest_step()
+  def checkpoint_names(self) -> list[str]:
+    """'latest' and the best-by-metric checkpoints that exist."""
+    names = ['latest'] if self.ckpt.latest_step() is not None else []
+    return names + [f'best_{name}' for name, manager in self.best.items()
+                    if manager.latest_step() is not None]
+
+  def load_checkpoint(self, name: str) -> TrainState:
+    """The state saved as `name`: 'latest', 'best_balanced_accuracy' or
+    'best_kappa'."""
+    managers = {'latest': self.ckpt,
+                **{f'best_{k}': m for k, m in self.best.items()}}
+    if name not in managers:
+      raise ValueError(f'unknown checkpoint {name!r}; choose one of '
+                       f'{", ".join(managers)}')
+    step = managers[name].latest_step()
     if step is None:
-      return self.state
+      raise FileNotFoundError(
+          f'no {name!r} checkpoint in {self.workdir}; found: '
+          f'{", ".join(self.checkpoint_names()) or "none (train first)"}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-    return manager.restore(step, args=ocp.args.Composite(
+    return managers[name].restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
 
   # -- data ------------------------------------------------------------------
@@ -261,12 +282,15 @@ class Trainer:
 
   # -- evaluation ------------------------------------------------------------
 
-  def predict(self, state: TrainState, indices: np.ndarray) -> np.ndarray:
-    """Class probabilities of the knees at `indices`, in order."""
+  def predict(self, state: TrainState, indices: np.ndarray,
+              cache=None) -> np.ndarray:
+    """Class probabilities of the knees at `indices` of `cache` (default:
+    the training cache), in order."""
     n_dev = self.mesh.size
     batch = self.config.eval_batch_size
     probs = []
-    for b in pipeline.eval_batches(self.cache, indices, batch_size=batch,
+    for b in pipeline.eval_batches(cache or self.cache, indices,
+                                   batch_size=batch,
                                    sharding=pipeline.Sharding(0, 1)):
       images = b['image']
       pad = -len(images) % n_dev  # every device gets the same share
@@ -324,14 +348,31 @@ class Trainer:
     bar.close()
     writer.close()
 
+  def split_indices(self, split: str) -> np.ndarray:
+    """Rows of the training cache in `split` ('test' falls back to 'val'
+    when no site is held out)."""
+    if split == 'test' and not len(self.splits.test):
+      split = 'val'
+    if split not in ('labeled', 'unlabeled', 'val', 'test'):
+      raise ValueError(f'unknown split {split!r}; choose labeled, unlabeled, '
+                       'val or test')
+    return getattr(self.splits, split)
+
   def test(self) -> dict[str, Any]:
     """Evaluates the best-by-BA checkpoint on the test split."""
-    indices = self.splits.test if len(self.splits.test) else self.splits.val
-    state = self.load_best('balanced_accuracy')
-    probs = self.predict(state, indices)
-    index = self.cache.index.iloc[indices]
+    name = 'best_balanced_accuracy'
+    state = self.load_checkpoint(name) if name in self.checkpoint_names() \
+        else self.state
+    return self.write_report(self.workdir, state, self.split_indices('test'))
+
+  def write_report(self, out_dir: str | Path, state: TrainState,
+                   indices: np.ndarray, cache=None) -> dict[str, Any]:
+    """metrics.json, predictions.csv and plots of `state` on `indices`."""
+    cache = cache or self.cache
+    probs = self.predict(state, indices, cache)
+    index = cache.index.iloc[indices]
     return report.write_report(
-        self.workdir, knee_ids=index['knee_id'].to_numpy(),
+        out_dir, knee_ids=index['knee_id'].to_numpy(),
         sides=index['side'].to_numpy(), y_true=index['kl'].to_numpy(),
         probs=probs, subject_ids=index['subject_id'].to_numpy(),
         n_resamples=self.config.bootstrap_resamples, seed=self.config.seed)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from koajax import evaluate
 from koajax import methods
 from koajax import train
 
@@ -71,11 +72,20 @@ def _params(workdir, config):
   return jax.tree.map(np.asarray, trainer.state.params)
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(data_root, tmp_path):
+@pytest.fixture(scope='module')
+def supervised_run(data_root, tmp_path_factory):
+  """A 3-epoch supervised smoke run: (config, workdir)."""
+  config = smoke_config('supervised', data_root, num_epochs=3)
+  workdir = tmp_path_factory.mktemp('supervised_run')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(supervised_run, data_root,
+                                                    tmp_path):
   """Stopping after epoch 1 and rerunning gives the same weights and metrics."""
   # (Restoring both Grain streams mid-epoch is tested in test_pipeline.)
-  full = smoke_config('supervised', data_root, num_epochs=3)
-  train.train_and_evaluate(full, tmp_path / 'full')
+  full, full_dir = supervised_run
 
   # The same command in one workdir, first cut short after one epoch (as a
   # kill after the first checkpoint would), then run to the end.
@@ -83,11 +93,37 @@ def test_resumed_run_ends_like_an_uninterrupted_one(data_root, tmp_path):
                            tmp_path / 'resumed')
   train.train_and_evaluate(full, tmp_path / 'resumed')
 
-  a, b = _params(tmp_path / 'full', full), _params(tmp_path / 'resumed', full)
+  a, b = _params(full_dir, full), _params(tmp_path / 'resumed', full)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  ma = json.loads((tmp_path / 'full' / 'metrics.json').read_text())
+  ma = json.loads((full_dir / 'metrics.json').read_text())
   mb = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())
   assert ma['metrics'] == mb['metrics']
+
+
+def test_saved_checkpoints_evaluate_on_any_split(supervised_run, tmp_path):
+  _, workdir = supervised_run
+  # The run's own test report comes from its best-by-BA checkpoint.
+  again = evaluate.evaluate(workdir, split='test', out=tmp_path / 'test')
+  ours = pd.read_csv(tmp_path / 'test' / 'predictions.csv')
+  theirs = pd.read_csv(workdir / 'predictions.csv')
+  pd.testing.assert_frame_equal(ours, theirs, atol=1e-6)
+  assert again['metrics'] == json.loads(
+      (workdir / 'metrics.json').read_text())['metrics']
+
+  result = evaluate.evaluate(workdir, split='labeled', checkpoint='latest')
+  predictions = pd.read_csv(
+      workdir / 'eval' / 'latest-labeled' / 'predictions.csv')
+  assert len(predictions) == len(train.Trainer(
+      evaluate.load_config(workdir), workdir).split_indices('labeled'))
+  probs = predictions[[f'p{k}' for k in range(5)]].to_numpy()
+  np.testing.assert_allclose(
+      result['metrics']['balanced_accuracy']['estimate'],
+      skm.balanced_accuracy_score(predictions['kl'], probs.argmax(1)))
+
+  with pytest.raises(ValueError, match='unknown checkpoint'):
+    evaluate.evaluate(workdir, checkpoint='best_loss')
+  with pytest.raises(FileNotFoundError, match='not a koajax training workdir'):
+    evaluate.evaluate(tmp_path)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(data_root, tmp_path):

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from koajax.models import dropout as dropout_lib
+
 Pooling = Literal['gap', 'sam_vh', 'sam_hv']
 _NORMAL_002 = jax.nn.initializers.normal(0.02)
 
@@ -66,11 +68,12 @@ class SeparableMaxPool(nnx.Module):
   H/8 cover the whole axis, so a full reduction is the same operation.
   """
 
-  def __init__(self, channels: int, order: str, *, rngs: nnx.Rngs):
+  def __init__(self, channels: int, order: str, *, norm: str = 'instance',
+               rngs: nnx.Rngs):
     if order not in ('hv', 'vh'):
       raise ValueError(f'order must be hv or vh, got {order!r}')
     self.block = ConvBlock(channels, channels, kernel_size=1, padding=0,
-                           rngs=rngs)
+                           norm=norm, rngs=rngs)
     self.axes = (2, 1) if order == 'hv' else (1, 2)  # NHWC
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -85,22 +88,23 @@ class SemixupNet(nnx.Module):
 
   def __init__(self, *, pooling: Pooling = 'sam_hv', width: int = 32,
                dropout: float = 0.35, num_classes: int = 5,
-               rngs: nnx.Rngs):
+               norm: str = 'instance', rngs: nnx.Rngs):
     w = width
     # (cin, cout, stride) per block; groups end after blocks 3, 5 and 7.
     plan = [(1, w, 1), (w, w, 1), (w, w, 1),
             (w, 2 * w, 2), (2 * w, 2 * w, 1),
             (2 * w, 4 * w, 2), (4 * w, 4 * w, 1),
             (4 * w, 8 * w, 2), (8 * w, 8 * w, 1)]
-    self.blocks = nnx.List([ConvBlock(i, o, stride=s, rngs=rngs)
+    self.blocks = nnx.List([ConvBlock(i, o, stride=s, norm=norm, rngs=rngs)
                             for i, o, s in plan])
     self.group_ends = (2, 4, 6)
     self.pooling = pooling
     if pooling == 'gap':
       self.pool = None
     else:
-      self.pool = SeparableMaxPool(8 * w, pooling.split('_')[1], rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
+      self.pool = SeparableMaxPool(8 * w, pooling.split('_')[1], norm=norm,
+                                   rngs=rngs)
+    self.dropout = dropout_lib.Dropout(dropout)
     # The reference head is a 1x1 convolution without bias on the pooled map.
     self.head = nnx.Linear(16 * w, num_classes, use_bias=False,
                            kernel_init=_NORMAL_002, rngs=rngs)
@@ -136,7 +140,7 @@ class KneeNet(nnx.Module):
                             block(w, 2 * w, 1), block(2 * w, 2 * w, 1),
                             block(2 * w, 4 * w, 1)])
     self.pool_after = (2, 4)  # 2x2 max-pooling after these blocks
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = dropout_lib.Dropout(dropout)
     self.head = nnx.Linear(8 * w, num_classes, kernel_init=kaiming, rngs=rngs)
 
   def features(self, patches: jax.Array, *, train: bool,

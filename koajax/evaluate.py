@@ -1,0 +1,94 @@
+"""Evaluates a saved checkpoint of a training run on a split or another cache.
+
+  python -m koajax.evaluate --workdir=DIR [--split=test] \\
+      [--checkpoint=best_balanced_accuracy] [--cache=OTHER_CACHE] [--out=OUT]
+
+DIR is a `python -m koajax.main` training workdir: its config.json rebuilds
+the run (data, splits, model) and its checkpoints hold the weights.
+--checkpoint is 'best_balanced_accuracy' (default), 'best_kappa' or 'latest'.
+--split is 'test' (the held-out site; 'val' when none was held out), 'val',
+'labeled' or 'unlabeled'. With --cache, every graded knee of that koajax cache
+(`python -m koajax.data.build` output, for instance an external test set) is
+evaluated instead. OUT (default DIR/eval/<checkpoint>-<split or cache name>)
+receives metrics.json, predictions.csv and the plots, as at the end of
+training; compare two of them with `python -m koajax.evaluation.compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+from pathlib import Path
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
+_SPLIT = flags.DEFINE_string('split', 'test',
+                             'test, val, labeled or unlabeled.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'best_balanced_accuracy',
+    'best_balanced_accuracy, best_kappa or latest.')
+_CACHE = flags.DEFINE_string('cache', None, 'Evaluate every graded knee of '
+                             'this koajax cache instead of a split.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  path = Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} not found: {workdir} is not a koajax training workdir '
+        '(python -m koajax.main --config=... --workdir=... writes it)')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def evaluate(workdir: str | Path, *, split: str = 'test',
+             checkpoint: str = 'best_balanced_accuracy',
+             cache_dir: str | Path | None = None,
+             out: str | Path | None = None) -> dict[str, Any]:
+  """Writes the report of `checkpoint` on `split` (or all of `cache_dir`)."""
+  config = load_config(workdir)
+  from koajax import runtime
+  runtime.configure_cpu_devices(config.get('cpu_devices', 0))
+  import jax
+  import numpy as np
+  from koajax import train
+  from koajax.data import cache as cache_lib
+
+  trainer = train.Trainer(config, workdir)
+  state = trainer.load_checkpoint(checkpoint)
+  if cache_dir is not None:
+    cache = cache_lib.open_cache(cache_dir)
+    indices = np.flatnonzero(cache.index['kl'].to_numpy() >= 0)
+    if not len(indices):
+      raise ValueError(f'{cache_dir} has no graded knees to evaluate')
+    target = Path(cache_dir).name
+  else:
+    cache, indices, target = trainer.cache, trainer.split_indices(split), split
+  out = Path(out) if out else Path(workdir) / 'eval' / f'{checkpoint}-{target}'
+  with jax.set_mesh(trainer.mesh):
+    result = trainer.write_report(out, state, indices, cache)
+  headline = {k: round(v['estimate'], 4)
+              for k, v in result['metrics'].items()
+              if k in ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')}
+  print(f'{checkpoint} on {target} ({len(indices)} knees): '
+        f'{json.dumps(headline)}; report in {out / "metrics.json"}')
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger('koajax').setLevel(std_logging.INFO)
+  evaluate(_WORKDIR.value, split=_SPLIT.value, checkpoint=_CHECKPOINT.value,
+           cache_dir=_CACHE.value, out=_OUT.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,46 @@
+"""Every training config exposes its method's options and the CPU layout."""
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+
+from koajax import methods
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('method', sorted(methods.METHODS))
+@pytest.mark.parametrize('preset', ['default', 'quick', 'smoke'])
+def test_method_options_are_config_fields(method, preset):
+  config = load(method, preset)
+  assert config.method == method
+  signature = inspect.signature(methods.METHODS[method])
+  keyword_only = {n for n, p in signature.parameters.items()
+                  if p.kind is p.KEYWORD_ONLY and n != 'epoch'}
+  assert set(config.method_kwargs) == keyword_only
+  # The config builds the method, defaults unchanged.
+  bound = methods.from_config(config)
+  for name in keyword_only:
+    assert bound.keywords[name] == signature.parameters[name].default
+
+
+def test_semixup_reference_options_and_ablations_are_settable():
+  config = load('semixup')
+  config.method_kwargs.floor_unlabeled = 0.55
+  config.method_kwargs.interpolate = 'logits'
+  config.method_kwargs.terms.interpolation = 0.0
+  bound = methods.from_config(config)
+  assert bound.keywords['floor_unlabeled'] == 0.55
+  assert bound.keywords['terms'].interpolation == 0.0
+  config.lock()  # as koajax.main loads it
+  with pytest.raises(AttributeError):
+    config.method_kwargs.terms.interpolaton = 1.0  # misspelt: refused
