@@ -102,7 +102,8 @@ def semixup_family_config(method: str, arg: str | None,
   })
   config.model = ml_collections.ConfigDict({
       'name': 'semixup_net', 'pooling': 'sam_hv', 'width': 32,
-      'dropout': 0.35, 'norm': 'instance'})
+      'dropout': 0.35, 'norm': 'instance',
+      'dtype': 'float32'})  # 'bfloat16': bf16 compute on accelerators
   config.optimizer = ml_collections.ConfigDict({
       'learning_rate': 1e-4, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,
       'boundaries': {}})  # {step: scale} for a piecewise-constant schedule

@@ -83,3 +83,15 @@ def test_separable_pooling_matches_numpy():
   y = (y - y.mean(axis=1, keepdims=True)) / np.sqrt(y.var(axis=1, keepdims=True) + 1e-5)
   y = np.where(y > 0, y, 0.2 * y).max(axis=1)
   np.testing.assert_allclose(pool(jnp.asarray(x), train=False), y, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32():
+  x = jax.random.normal(jax.random.key(2), (2, 2, 64, 64))
+  f32 = siamese.SemixupNet(width=4, rngs=nnx.Rngs(0))
+  bf16 = siamese.SemixupNet(width=4, dtype='bfloat16', rngs=nnx.Rngs(0))
+  # Same float32 parameters; only the compute dtype differs.
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nnx.state(bf16)))
+  out32, out16 = f32(x), bf16(x)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()))
+  assert not np.array_equal(out16, out32)  # bf16 really ran

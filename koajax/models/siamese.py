@@ -35,18 +35,19 @@ class ConvBlock(nnx.Module):
   def __init__(self, cin: int, cout: int, *, stride: int = 1,
                padding: str | int = 1, norm: str = 'instance',
                negative_slope: float = 0.2, kernel_size: int = 3,
-               kernel_init=_NORMAL_002, rngs: nnx.Rngs):
+               kernel_init=_NORMAL_002, dtype=jnp.float32, rngs: nnx.Rngs):
     pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
     self.conv = nnx.Conv(cin, cout, (kernel_size, kernel_size),
                          strides=stride, padding=pad, use_bias=False,
-                         kernel_init=kernel_init, rngs=rngs)
+                         kernel_init=kernel_init, dtype=dtype, rngs=rngs)
     if norm == 'instance':
       # The reference network's InstanceNorm2d has no affine parameters.
       self.norm = nnx.InstanceNorm(cout, epsilon=1e-5, use_bias=False,
-                                   use_scale=False, rngs=rngs)
+                                   use_scale=False, dtype=dtype, rngs=rngs)
     elif norm == 'batch':
       # PyTorch momentum 0.1 is Flax momentum 0.9.
-      self.norm = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9, rngs=rngs)
+      self.norm = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9,
+                                dtype=dtype, rngs=rngs)
     else:
       raise ValueError(f'unknown norm {norm!r}')
     self.negative_slope = negative_slope
@@ -69,11 +70,11 @@ class SeparableMaxPool(nnx.Module):
   """
 
   def __init__(self, channels: int, order: str, *, norm: str = 'instance',
-               rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if order not in ('hv', 'vh'):
       raise ValueError(f'order must be hv or vh, got {order!r}')
     self.block = ConvBlock(channels, channels, kernel_size=1, padding=0,
-                           norm=norm, rngs=rngs)
+                           norm=norm, dtype=dtype, rngs=rngs)
     self.axes = (2, 1) if order == 'hv' else (1, 2)  # NHWC
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -88,14 +89,19 @@ class SemixupNet(nnx.Module):
 
   def __init__(self, *, pooling: Pooling = 'sam_hv', width: int = 32,
                dropout: float = 0.35, num_classes: int = 5,
-               norm: str = 'instance', rngs: nnx.Rngs):
+               norm: str = 'instance', dtype: str = 'float32',
+               rngs: nnx.Rngs):
+    # dtype='bfloat16' runs the convolutions and norms in bf16 on
+    # accelerators; parameters, statistics and the head stay float32.
+    self.dtype = jnp.dtype(dtype)
     w = width
     # (cin, cout, stride) per block; groups end after blocks 3, 5 and 7.
     plan = [(1, w, 1), (w, w, 1), (w, w, 1),
             (w, 2 * w, 2), (2 * w, 2 * w, 1),
             (2 * w, 4 * w, 2), (4 * w, 4 * w, 1),
             (4 * w, 8 * w, 2), (8 * w, 8 * w, 1)]
-    self.blocks = nnx.List([ConvBlock(i, o, stride=s, norm=norm, rngs=rngs)
+    self.blocks = nnx.List([ConvBlock(i, o, stride=s, norm=norm,
+                                      dtype=self.dtype, rngs=rngs)
                             for i, o, s in plan])
     self.group_ends = (2, 4, 6)
     self.pooling = pooling
@@ -103,7 +109,7 @@ class SemixupNet(nnx.Module):
       self.pool = None
     else:
       self.pool = SeparableMaxPool(8 * w, pooling.split('_')[1], norm=norm,
-                                   rngs=rngs)
+                                   dtype=self.dtype, rngs=rngs)
     self.dropout = dropout_lib.Dropout(dropout)
     # The reference head is a 1x1 convolution without bias on the pooled map.
     self.head = nnx.Linear(16 * w, num_classes, use_bias=False,
@@ -112,14 +118,14 @@ class SemixupNet(nnx.Module):
   def features(self, patches: jax.Array, *, train: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
     """(N, H, W, 1) patches -> (N, 8w) features."""
-    x = patches
+    x = patches.astype(self.dtype)
     for i, block in enumerate(self.blocks):
       x = block(x, train=train)
       if i in self.group_ends:
         x = self.dropout(x, deterministic=not train, rngs=rngs)
     if self.pool is None:
-      return jnp.mean(x, axis=(1, 2))
-    return self.pool(x, train=train)
+      return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    return self.pool(x, train=train).astype(jnp.float32)
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
