@@ -58,6 +58,7 @@ def evaluate(workdir: str | Path, *, split: str = 'test',
   import numpy as np
   from koajax import train
   from koajax.data import cache as cache_lib
+  from koajax.evaluation import report
 
   trainer = train.Trainer(config, workdir)
   state = trainer.load_checkpoint(checkpoint)
@@ -72,11 +73,8 @@ def evaluate(workdir: str | Path, *, split: str = 'test',
   out = Path(out) if out else Path(workdir) / 'eval' / f'{checkpoint}-{target}'
   with jax.set_mesh(trainer.mesh):
     result = trainer.write_report(out, state, indices, cache)
-  headline = {k: round(v['estimate'], 4)
-              for k, v in result['metrics'].items()
-              if k in ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')}
   print(f'{checkpoint} on {target} ({len(indices)} knees): '
-        f'{json.dumps(headline)}; report in {out / "metrics.json"}')
+        f'{report.headline(result)}; report in {out / "metrics.json"}')
   return result
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 from pathlib import Path
@@ -389,9 +388,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   with jax.set_mesh(trainer.mesh):
     trainer.train()
     result = trainer.test()
-  headline = {k: round(v['estimate'], 4)
-              for k, v in result['metrics'].items()
-              if k in ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')}
-  print(f'{config.method} test: {json.dumps(headline)}; '
+  print(f'{config.method} test: {report.headline(result)}; '
         f'report in {Path(workdir) / "metrics.json"}')
   return result

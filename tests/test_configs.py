@@ -1,21 +1,14 @@
 """Every training config exposes its method's options and the CPU layout."""
 
-import importlib.util
 import inspect
-from pathlib import Path
 
 import pytest
 
 from koajax import methods
+from config_loader import load_config as load
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
-def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.mark.parametrize('method', sorted(methods.METHODS))

@@ -1,8 +1,6 @@
 """The data job end to end: config -> synthetic dataset -> cache -> summary."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,16 +9,11 @@ from koajax import config_lib
 from koajax import prepare
 from koajax.data import cache as cache_lib
 from koajax.data import sources
+from config_loader import load_config as _load_config
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
-def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_parse_preset_rejects_unknown_names():

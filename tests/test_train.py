@@ -1,8 +1,6 @@
 """The trainer end to end on the smoke presets: every method, resume, devices."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,15 +11,10 @@ from sklearn import metrics as skm
 from koajax import evaluate
 from koajax import methods
 from koajax import train
+from config_loader import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
-def load_config(name, arg='smoke'):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope='module')

@@ -86,6 +86,13 @@ def metrics_from_predictions(csv_path: str | Path, *,
                                             positive_from=positive_from)
 
 
+def headline(result: dict) -> str:
+  """The point estimates worth printing from a `write_report` result."""
+  return json.dumps({k: round(v['estimate'], 4)
+                     for k, v in result['metrics'].items()
+                     if k in ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')})
+
+
 def json_ready(value):
   """NumPy scalars/arrays -> Python; NaN -> None (JSON has no NaN)."""
   if isinstance(value, dict):
