@@ -189,8 +189,10 @@ class Trainer:
                           method=methods.from_config(config),
                           steps_per_epoch=self.steps_per_epoch),
         donate_argnums=0)
+    # Replicated output: every process can read all probabilities.
     self._predict = jax.jit(functools.partial(predict_step,
-                                              graphdef=self.graphdef))
+                                              graphdef=self.graphdef),
+                            out_shardings=self.replicated)
     self._params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
         [jnp.isfinite(x).all() for x in jax.tree.leaves(params)])))
     self.streams = pipeline.make_streams(
