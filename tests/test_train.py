@@ -23,7 +23,7 @@ def data_root(tmp_path_factory):
 
 
 def smoke_config(name, data_root, **overrides):
-  config = load_config(name)
+  config = load_config(name, 'smoke')
   config.data.root = data_root
   for key, value in overrides.items():
     node = config
