@@ -60,15 +60,15 @@ def evaluate(workdir: str | Path, *, split: str = 'test',
   from koajax.data import cache as cache_lib
   from koajax.evaluation import report
 
-  trainer = train.Trainer(config, workdir)
-  state = trainer.load_checkpoint(checkpoint)
-  if cache_dir is not None:
+  if cache_dir is not None:  # checked before the run is rebuilt
     cache = cache_lib.open_cache(cache_dir)
     indices = np.flatnonzero(cache.index['kl'].to_numpy() >= 0)
     if not len(indices):
       raise ValueError(f'{cache_dir} has no graded knees to evaluate')
     target = Path(cache_dir).name
-  else:
+  trainer = train.Trainer(config, workdir)
+  state = trainer.load_checkpoint(checkpoint)
+  if cache_dir is None:
     cache, indices, target = trainer.cache, trainer.split_indices(split), split
   out = Path(out) if out else Path(workdir) / 'eval' / f'{checkpoint}-{target}'
   with jax.set_mesh(trainer.mesh):
