@@ -16,6 +16,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for outputs (metrics, plots, checkpoints).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Run as one of several processes (jax.distributed); on SLURM, Open MPI '
+    'or Cloud TPU the peers are found automatically, elsewhere give '
+    '--coordinator_address, --num_processes and --process_id.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 in a multi-process run (implies --distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process in a multi-process run, 0-based.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -33,6 +45,9 @@ def main(argv):
   elif config.job == 'train':
     from koajax import runtime
     runtime.configure_cpu_devices(config.cpu_devices)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                     _PROCESS_ID.value)
     from koajax import train
     train.train_and_evaluate(config, _WORKDIR.value)
   else:

@@ -10,11 +10,16 @@ over them, the same data parallelism that spreads a batch over accelerators.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 import math
 import os
+from typing import TypeVar
 
 import jax
+from jax.experimental import multihost_utils
+
+T = TypeVar('T')
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,36 @@ def configure_cpu_devices(count: int) -> None:
   except RuntimeError as e:  # backends already initialised
     log.warning('cpu_devices=%d not applied (%s); using %d devices',
                 count, e, jax.device_count())
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins the processes of a multi-process run; call before JAX starts.
+
+  With no arguments JAX finds its peers itself where it can (SLURM, Open MPI,
+  Cloud TPU); elsewhere give all three. On CPUs the processes' collectives
+  (the gradient all-reduce) run over Gloo, JAX's default.
+  """
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id)
+  log.info('process %d of %d: %d local, %d global devices',
+           jax.process_index(), jax.process_count(), jax.local_device_count(),
+           jax.device_count())
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+  """fn() on process 0, then on the others once it is done.
+
+  For work with shared results on disk (building the dataset cache): the
+  other processes then find it made instead of making it at the same time.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return result if jax.process_index() == 0 else fn()
 
 
 def data_mesh(*batch_sizes: int) -> jax.sharding.Mesh:

@@ -166,7 +166,8 @@ class Trainer:
     self.config = config
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.cache = sources.resolve_cache(config.data)
+    self.cache = runtime.process_zero_first(
+        lambda: sources.resolve_cache(config.data), 'koajax-cache')
     self.splits = make_splits(self.cache.index, config.split)
     self.semi = config.method in methods.SEMI_SUPERVISED
 
@@ -296,7 +297,9 @@ class Trainer:
       images = b['image']
       pad = -len(images) % n_dev  # every device gets the same share
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      out = self._predict(state, jax.device_put(images, self.data_sharding))
+      # Every process holds all images; each device takes its rows.
+      out = self._predict(state, jax.make_array_from_callback(
+          images.shape, self.data_sharding, lambda rows: images[rows]))
       probs.append(np.asarray(out)[:len(b['image'])])
     return np.concatenate(probs)
 
@@ -359,7 +362,7 @@ class Trainer:
                        'val or test')
     return getattr(self.splits, split)
 
-  def test(self) -> dict[str, Any]:
+  def test(self) -> dict[str, Any] | None:
     """Evaluates the best-by-BA checkpoint on the test split."""
     name = 'best_balanced_accuracy'
     state = self.load_checkpoint(name) if name in self.checkpoint_names() \
@@ -367,10 +370,16 @@ class Trainer:
     return self.write_report(self.workdir, state, self.split_indices('test'))
 
   def write_report(self, out_dir: str | Path, state: TrainState,
-                   indices: np.ndarray, cache=None) -> dict[str, Any]:
-    """metrics.json, predictions.csv and plots of `state` on `indices`."""
+                   indices: np.ndarray, cache=None) -> dict[str, Any] | None:
+    """metrics.json, predictions.csv and plots of `state` on `indices`.
+
+    Every process predicts (the devices work together); process 0 writes
+    and returns the report, the others return None.
+    """
     cache = cache or self.cache
     probs = self.predict(state, indices, cache)
+    if jax.process_index() != 0:
+      return None
     index = cache.index.iloc[indices]
     return report.write_report(
         out_dir, knee_ids=index['knee_id'].to_numpy(),
@@ -380,7 +389,9 @@ class Trainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | Path) -> dict[str, Any]:
+                       workdir: str | Path) -> dict[str, Any] | None:
+  """Trains, then reports on the test split; returns metrics.json's content
+  (None on processes other than 0)."""
   trainer = Trainer(config, workdir)
   log.info('%s: %d labeled, %d unlabeled, %d val, %d test knees; '
            '%d steps of %d', config.method, len(trainer.splits.labeled),
@@ -390,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   with jax.set_mesh(trainer.mesh):
     trainer.train()
     result = trainer.test()
+  if result is None:
+    return None
   print(f'{config.method} test: {report.headline(result)}; '
         f'report in {Path(workdir) / "metrics.json"}')
   return result

@@ -143,15 +143,22 @@ def test_epochs_are_fresh_permutations_of_whole_batches(cache):
 
 def test_processes_read_disjoint_shares_of_each_epoch(cache):
   subset = np.arange(NUM_KNEES)
-  shares = [np.concatenate(_indices(pipeline.to_iterator(
-      pipeline.knee_dataset(cache, subset, view='siamese', batch_size=8,
-                            seed=5, num_epochs=2,
-                            sharding=pipeline.Sharding(p, 2)))))
-            for p in range(2)]
+
+  def batches(sharding):
+    return _indices(pipeline.to_iterator(pipeline.knee_dataset(
+        cache, subset, view='siamese', batch_size=8, seed=5, num_epochs=2,
+        sharding=sharding)))
+
+  shares = [batches(pipeline.Sharding(p, 2)) for p in range(2)]
   for epoch in range(2):
-    parts = [s[epoch * 24:(epoch + 1) * 24] for s in shares]
+    parts = [np.concatenate(s[epoch * 6:(epoch + 1) * 6]) for s in shares]
     assert not set(parts[0]) & set(parts[1])
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), subset)
+  # Side by side, the shares are the batches one process reads, in order.
+  one = batches(ONE)
+  assert len(one) == len(shares[0]) == 12
+  for whole, a, b in zip(one, *shares):
+    np.testing.assert_array_equal(np.concatenate([a, b]), whole)
   with pytest.raises(ValueError, match='does not split over 2 processes'):
     pipeline.knee_dataset(cache, subset, view='siamese', batch_size=5, seed=0,
                           sharding=pipeline.Sharding(0, 2))

@@ -1,6 +1,11 @@
 """The trainer end to end on the smoke presets: every method, resume, devices."""
 
 import json
+import os
+from pathlib import Path
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,8 +18,7 @@ from koajax import methods
 from koajax import train
 from config_loader import load_config
 
-
-
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -91,6 +95,48 @@ def test_resumed_run_ends_like_an_uninterrupted_one(supervised_run, data_root,
   ma = json.loads((full_dir / 'metrics.json').read_text())
   mb = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())
   assert ma['metrics'] == mb['metrics']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(supervised_run, data_root, tmp_path):
+  """`--coordinator_address` runs: 2 processes x 2 CPU devices, Gloo
+  all-reduce, each process reading its share of every batch."""
+  _, one_dir = supervised_run
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  address = f'127.0.0.1:{_free_port()}'
+  command = [sys.executable, '-m', 'koajax.main',
+             '--config=configs/supervised.py:smoke', f'--workdir={tmp_path}',
+             f'--config.data.root={data_root}', '--config.num_epochs=3',
+             '--config.cpu_devices=2', f'--coordinator_address={address}',
+             '--num_processes=2']
+  procs = [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'supervised test:' in outputs[0]
+  assert 'supervised test:' not in outputs[1]  # only process 0 reports
+  # The processes' shares make up the batches a single process reads, so
+  # the run ends where the 1-process, 8-device run did, up to the order of
+  # floating-point sums.
+  two = pd.read_csv(tmp_path / 'predictions.csv')
+  one = pd.read_csv(one_dir / 'predictions.csv')
+  pd.testing.assert_frame_equal(two, one, atol=2e-4, check_exact=False)
+  # One log, written once (by process 0), with the same losses.
+  logs = [[json.loads(line) for line in
+           (d / 'metrics.jsonl').read_text().splitlines()]
+          for d in (tmp_path, one_dir)]
+  assert [r.keys() for r in logs[0]] == [r.keys() for r in logs[1]]
+  for a, b in zip(*logs):
+    np.testing.assert_allclose(a.get('train/loss', 0), b.get('train/loss', 0),
+                               rtol=1e-4)
 
 
 def test_saved_checkpoints_evaluate_on_any_split(supervised_run, tmp_path):

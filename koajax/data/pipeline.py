@@ -89,6 +89,39 @@ class Sharding:
     return cls(jax.process_index(), jax.process_count())
 
 
+class _BatchShard(grain.MapDataset):
+  """This process's rows of every global batch, as a contiguous block.
+
+  Process p of P reads rows [p L, (p + 1) L) of each global batch of B = P L
+  rows, so the global array assembled from the processes' shares has the rows
+  in the order one process would have read them: a run on several processes
+  sees exactly the batches of a run on one.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int,
+               sharding: Sharding):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._local = batch_size // sharding.count
+    self._offset = sharding.index * self._local
+    self._length = len(parent) // sharding.count
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    # As in Grain's slice: indices past the end go on into the next epoch.
+    epoch, offset = divmod(index, self._length)
+    batch, row = divmod(offset, self._local)
+    return self._parent[epoch * len(self._parent) + batch * self._batch_size
+                        + self._offset + row]
+
+  def __str__(self) -> str:
+    return f'_BatchShard(rows {self._offset}+{self._local} of {self._batch_size})'
+
+
 def _local_batch_size(batch_size: int, sharding: Sharding) -> int:
   if batch_size % sharding.count:
     raise ValueError(f'batch size {batch_size} does not split over '
@@ -131,9 +164,10 @@ def knee_dataset(cache: cache_lib.Cache,
   if shuffle:
     ds = ds.shuffle(seed=seed)
   # Indices past an epoch's end fall through shuffle, slice and source into
-  # the next epoch with a new order, so cutting and striding here acts on
+  # the next epoch with a new order, so cutting and sharding here acts on
   # every epoch: each one is whole batches, and processes get disjoint shares.
-  ds = ds[:usable][sharding.index::sharding.count].repeat(num_epochs)
+  ds = _BatchShard(ds[:usable], batch_size=batch_size, sharding=sharding)
+  ds = ds.repeat(num_epochs)
   ds = ds.map(DecodeView(view, cache.meta['roi_mm']))
   return ds.batch(local_batch, drop_remainder=True)
 
