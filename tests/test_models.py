@@ -69,7 +69,8 @@ def test_branch_is_shared_between_patches():
   model = siamese.SemixupNet(pooling='gap', rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(2), (3, 2, 32, 32))
   feats = nnx.jit(lambda m, p: m.features(p.reshape(-1, 32, 32, 1),
-                                          train=False, rngs=None).reshape(3, -1))
+                                          train=False, dropout=False,
+                                          rngs=None).reshape(3, -1))
   f, g = feats(model, x), feats(model, x[:, ::-1])
   np.testing.assert_allclose(f[:, :256], g[:, 256:], rtol=1e-5, atol=1e-6)
 

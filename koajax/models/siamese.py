@@ -12,7 +12,9 @@ Two backbones:
     ReLU, max-pooling between groups, average pooling.
 
 Dropout keys are passed at call time (`rngs=`), so the modules hold no RNG
-state and a pure train step can split/merge them freely.
+state and a pure train step can split/merge them freely. `train` switches
+both dropout and the norms' training mode; `dropout=True` with `train=False`
+is MC dropout: sampled masks, norms in inference mode.
 """
 
 from __future__ import annotations
@@ -115,21 +117,24 @@ class SemixupNet(nnx.Module):
     self.head = nnx.Linear(16 * w, num_classes, use_bias=False,
                            kernel_init=_NORMAL_002, rngs=rngs)
 
-  def features(self, patches: jax.Array, *, train: bool,
+  def features(self, patches: jax.Array, *, train: bool, dropout: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
     """(N, H, W, 1) patches -> (N, 8w) features."""
     x = patches.astype(self.dtype)
     for i, block in enumerate(self.blocks):
       x = block(x, train=train)
       if i in self.group_ends:
-        x = self.dropout(x, deterministic=not train, rngs=rngs)
+        x = self.dropout(x, deterministic=not dropout, rngs=rngs)
     if self.pool is None:
       return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return self.pool(x, train=train).astype(jnp.float32)
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
+               dropout: bool | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    return _siamese_logits(self, pairs, train=train, rngs=rngs)
+    return _siamese_logits(self, pairs, train=train,
+                           dropout=train if dropout is None else dropout,
+                           rngs=rngs)
 
 
 class KneeNet(nnx.Module):
@@ -149,9 +154,9 @@ class KneeNet(nnx.Module):
     self.dropout = dropout_lib.Dropout(dropout)
     self.head = nnx.Linear(8 * w, num_classes, kernel_init=kaiming, rngs=rngs)
 
-  def features(self, patches: jax.Array, *, train: bool,
+  def features(self, patches: jax.Array, *, train: bool, dropout: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
-    del rngs  # the branch has no dropout
+    del dropout, rngs  # the branch has no dropout
     x = patches
     for i, block in enumerate(self.blocks):
       x = block(x, train=train)
@@ -161,18 +166,22 @@ class KneeNet(nnx.Module):
     return jnp.mean(x, axis=(1, 2))
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
+               dropout: bool | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    return _siamese_logits(self, pairs, train=train, rngs=rngs)
+    return _siamese_logits(self, pairs, train=train,
+                           dropout=train if dropout is None else dropout,
+                           rngs=rngs)
 
 
-def _siamese_logits(model, pairs: jax.Array, *, train: bool,
+def _siamese_logits(model, pairs: jax.Array, *, train: bool, dropout: bool,
                     rngs: nnx.Rngs | None) -> jax.Array:
   """Runs the shared branch once over both patches of every knee."""
   if pairs.ndim != 4 or pairs.shape[1] != 2:
     raise ValueError(f'expected (batch, 2, H, W) patch pairs, got {pairs.shape}')
   b, _, h, w = pairs.shape
   # One pass over 2B patches is cheaper than two passes over B.
-  feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train, rngs=rngs)
+  feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train,
+                         dropout=dropout, rngs=rngs)
   feats = feats.reshape(b, 2 * feats.shape[-1])  # [lateral | medial]
-  feats = model.dropout(feats, deterministic=not train, rngs=rngs)
+  feats = model.dropout(feats, deterministic=not dropout, rngs=rngs)
   return model.head(feats)
