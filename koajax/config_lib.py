@@ -1,11 +1,26 @@
-"""Helpers shared by the files in configs/."""
+"""Helpers shared by the files in configs/, and a run's saved config."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+from pathlib import Path
 
 import ml_collections
+
+# A training workdir's copy of its config: what rebuilds the run later.
+CONFIG_JSON = 'config.json'
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a `python -m koajax.main` run saved in `workdir`."""
+  path = Path(workdir) / CONFIG_JSON
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} not found: {workdir} is not a koajax training workdir '
+        '(python -m koajax.main --config=... --workdir=... writes it)')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def parse_preset(arg: str | None, presets: tuple[str, ...]) -> str:
@@ -106,7 +121,9 @@ def semixup_family_config(method: str, arg: str | None,
       'dtype': 'float32'})  # 'bfloat16': bf16 compute on accelerators
   config.optimizer = ml_collections.ConfigDict({
       'learning_rate': 1e-4, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,
-      'boundaries': {}})  # {step: scale} for a piecewise-constant schedule
+      # Piecewise-constant learning rate: {step: scale} and {epoch: scale}
+      # (string keys), the scales multiplying.
+      'boundaries': {}, 'boundary_epochs': {}})
   config.batch_size = 40
   config.unlabeled_batch_size = 0  # 0: same as batch_size
   config.num_epochs = 500
@@ -146,4 +163,72 @@ def semixup_family_config(method: str, arg: str | None,
     config.log_every_steps = 1
     config.bootstrap_resamples = 20
     config.progress_bar = False
+  return config
+
+
+ACQUISITIONS = ('random', 'entropy', 'least_confidence', 'entropy_mcd', 'bald')
+
+
+def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
+  """Active learning on the Semixup network (`koajax.active.loop`).
+
+  Each round trains a fresh network with cross-entropy on the labeled knees
+  D_L (plus, with `active.consistency`, ||f(Tx) - f(T'x)||^2 with dropout
+  on over D_L and U, the |D_L| least uncertain pool knees), tests it on the
+  held-out site, scores the pool and labels the `n_batch` most uncertain.
+
+  Presets:
+    default  the paper: n_init 50, 50 per round up to 800, T = 50 MC-dropout
+             passes, Adam 1e-3 (betas 0.9, 0.99), batch 32, 500 epochs per
+             round with the rate /10 at epochs 300 and 400. Needs an
+             OAI-sized pool: set data.source=manifest or cache.
+    quick    about 10 minutes on the default synthetic data on a 2-core CPU:
+             4 rounds up to 200 knees, width 8, batch norm, T = 20.
+    smoke    three tiny rounds, for tests.
+  """
+  preset = parse_preset(arg, ('default', 'quick', 'smoke'))
+  config = semixup_family_config('supervised', preset)
+  config.job = 'active_learning'
+  # The loop sets each round's method from active.consistency.
+  del config['method']
+  del config['method_kwargs']
+  del config['unlabeled_batch_size']
+  config.split = ml_collections.ConfigDict({
+      'test_site': 'E',  # held out as the test set ('' tests on val)
+      # 1/val_folds of the other sites' subjects validate (model selection
+      # by balanced accuracy); the rest is the pool.
+      'val_folds': 5,
+      'seed': 0,
+  })
+  config.active = ml_collections.ConfigDict({
+      'acquisition': 'bald',  # one of ACQUISITIONS
+      'consistency': True,
+      'consistency_weight': 1.0,
+      'n_init': 50,
+      'n_batch': 50,
+      'budget': 800,
+      'mc_samples': 50,  # T for entropy_mcd and bald
+      'samples_per_pass': ml_collections.config_dict.placeholder(int),
+      'chunk_size': 64,  # pool knees per MC-dropout call
+  })
+  config.model.pooling = 'sam_hv'
+  config.optimizer.update({'learning_rate': 1e-3, 'b2': 0.99,
+                           'boundary_epochs': {'300': 0.1, '400': 0.1}})
+  config.batch_size = 32
+  config.num_epochs = 500
+  if preset == 'quick':
+    config.split.val_folds = 8
+    config.active.update({'budget': 200, 'mc_samples': 20})
+    config.batch_size = 16
+    config.num_epochs = 30
+    config.eval_every_epochs = 5
+    config.optimizer.boundary_epochs = {'20': 0.1}
+  elif preset == 'smoke':
+    config.split.test_site = ''
+    config.split.val_folds = 4
+    config.active.update({'n_init': 8, 'n_batch': 8, 'budget': 24,
+                          'mc_samples': 3, 'chunk_size': 16})
+    config.batch_size = 8
+    config.num_epochs = 2
+    config.optimizer.boundary_epochs = {}
   return config

@@ -16,7 +16,6 @@ training; compare two of them with `python -m koajax.evaluation.compare`.
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
+
+from koajax import config_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
 _SPLIT = flags.DEFINE_string('split', 'test',
@@ -37,21 +37,12 @@ _CACHE = flags.DEFINE_string('cache', None, 'Evaluate every graded knee of '
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(
-        f'{path} not found: {workdir} is not a koajax training workdir '
-        '(python -m koajax.main --config=... --workdir=... writes it)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def evaluate(workdir: str | Path, *, split: str = 'test',
              checkpoint: str = 'best_balanced_accuracy',
              cache_dir: str | Path | None = None,
              out: str | Path | None = None) -> dict[str, Any]:
   """Writes the report of `checkpoint` on `split` (or all of `cache_dir`)."""
-  config = load_config(workdir)
+  config = config_lib.load_run_config(workdir)
   from koajax import runtime
   runtime.configure_cpu_devices(config.get('cpu_devices', 0))
   import jax

@@ -42,14 +42,19 @@ def main(argv):
   if config.job == 'prepare_data':
     from koajax import prepare
     prepare.prepare_data(config, _WORKDIR.value)
-  elif config.job == 'train':
+  elif config.job in ('train', 'active_learning'):
+    # Both before JAX creates its backends.
     from koajax import runtime
     runtime.configure_cpu_devices(config.cpu_devices)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)
-    from koajax import train
-    train.train_and_evaluate(config, _WORKDIR.value)
+    if config.job == 'train':
+      from koajax import train
+      train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      from koajax.active import loop
+      loop.run(config, _WORKDIR.value)
   else:
     raise app.UsageError(f'config.job={config.job!r} is not a koajax job')
 

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
+from koajax import config_lib
 from koajax import metric_writers
 from koajax import methods
 from koajax import models
@@ -52,9 +53,6 @@ class TrainState:
   params: Any  # nnx.State of nnx.Param
   extra: Any  # nnx.State of everything else (batch-norm statistics)
   opt_state: Any
-
-
-CONFIG_JSON = 'config.json'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,9 +93,10 @@ def make_splits(index, cfg: ml_collections.ConfigDict) -> Splits:
 
 
 def create_state(config: ml_collections.ConfigDict, key: jax.Array,
-                 sharding: jax.sharding.Sharding | None = None):
+                 sharding: jax.sharding.Sharding | None = None, *,
+                 steps_per_epoch: int = 1):
   """(graphdef, optimizer, state); the state is initialised by one jit call."""
-  tx = make_optimizer(config.optimizer)
+  tx = make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch)
 
   def init(key):
     model = models.create(config.model, rngs=nnx.Rngs(params=key))
@@ -113,9 +112,15 @@ def create_state(config: ml_collections.ConfigDict, key: jax.Array,
   return graphdef, tx, state
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  schedule = optax.piecewise_constant_schedule(
-      cfg.learning_rate, {int(k): float(v) for k, v in cfg.get('boundaries', {}).items()})
+def make_optimizer(cfg: ml_collections.ConfigDict, *,
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
+  """Adam(W) with the learning rate scaled by `boundaries` ({step: scale})
+  and `boundary_epochs` ({epoch: scale}); scales multiply."""
+  boundaries = {int(k): float(v) for k, v in cfg.get('boundaries', {}).items()}
+  for epoch, scale in cfg.get('boundary_epochs', {}).items():
+    step = int(epoch) * steps_per_epoch
+    boundaries[step] = boundaries.get(step, 1.0) * float(scale)
+  schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
   if cfg.weight_decay:
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
                        weight_decay=cfg.weight_decay)
@@ -162,13 +167,17 @@ def predict_step(state: TrainState, images: jax.Array, *, graphdef):
 class Trainer:
   """Holds what the loop needs: mesh, jitted steps, streams, checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
+               *, splits: Splits | None = None, cache=None):
+    """`splits` (default: made from `config.split`) and `cache` (default:
+    the one `config.data` names) let a caller choose the knees, as the
+    active-learning loop does each round."""
     self.config = config
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.cache = runtime.process_zero_first(
+    self.cache = cache or runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
-    self.splits = make_splits(self.cache.index, config.split)
+    self.splits = splits or make_splits(self.cache.index, config.split)
     self.semi = config.method in methods.SEMI_SUPERVISED
 
     self.mesh = runtime.data_mesh(
@@ -180,10 +189,11 @@ class Trainer:
 
     key = jax.random.key(config.seed)
     self.init_key, self.step_key = jax.random.split(key)
-    self.graphdef, tx, self.state = create_state(config, self.init_key,
-                                                 self.replicated)
     self.steps_per_epoch = pipeline.steps_per_epoch(
         len(self.splits.labeled), config.batch_size)
+    self.graphdef, tx, self.state = create_state(
+        config, self.init_key, self.replicated,
+        steps_per_epoch=self.steps_per_epoch)
     self.total_steps = config.num_epochs * self.steps_per_epoch
     self._train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=tx,
@@ -212,7 +222,7 @@ class Trainer:
     self.best_values = {name: -math.inf for name in self.best}
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run.
-      (self.workdir / CONFIG_JSON).write_text(config.to_json_best_effort(
+      (self.workdir / config_lib.CONFIG_JSON).write_text(config.to_json_best_effort(
           indent=1))
 
   # -- checkpoints ---------------------------------------------------------

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from koajax import config_lib
 from koajax import evaluate
 from koajax import methods
 from koajax import train
@@ -153,7 +154,7 @@ def test_saved_checkpoints_evaluate_on_any_split(supervised_run, tmp_path):
   predictions = pd.read_csv(
       workdir / 'eval' / 'latest-labeled' / 'predictions.csv')
   assert len(predictions) == len(train.Trainer(
-      evaluate.load_config(workdir), workdir).split_indices('labeled'))
+      config_lib.load_run_config(workdir), workdir).split_indices('labeled'))
   probs = predictions[[f'p{k}' for k in range(5)]].to_numpy()
   np.testing.assert_allclose(
       result['metrics']['balanced_accuracy']['estimate'],

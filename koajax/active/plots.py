@@ -107,7 +107,7 @@ def uncertain_grid(path: str | Path, images, titles: Sequence[str], *,
   height, width = images.shape[2:]
   cell_height = 1.6
   cell_width = cell_height * (2 * width) / height
-  fig = Figure(figsize=(columns * cell_width, rows * (cell_height + 0.3)))
+  fig = Figure(figsize=(columns * cell_width, rows * (cell_height + 0.5)))
   axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
   for ax in axes:
     ax.set_axis_off()
@@ -116,5 +116,41 @@ def uncertain_grid(path: str | Path, images, titles: Sequence[str], *,
     ax.imshow(np.concatenate([pair[0], pair[1]], axis=-1), cmap='gray',
               vmin=0, vmax=255, interpolation='nearest')
     ax.set_title(str(title), fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def learning_curves(path: str | Path, curves: Mapping[str, object], *,
+                    full_data: Mapping[str, float] | None = None) -> Path:
+  """Balanced accuracy and kappa against labeled knees, one line per run.
+
+  Args:
+    path: PNG to write.
+    curves: {label: DataFrame with n_labeled, balanced_accuracy, kappa and
+      optionally their *_ci_low / *_ci_high columns}.
+    full_data: {metric: value} of a model trained on all labeled data,
+      drawn as a dashed horizontal line.
+  """
+  if not curves:
+    raise ValueError('no learning curves to plot')
+  fig = Figure(figsize=(9, 3.6))
+  axes = fig.subplots(1, 2)
+  for ax, metric, title in zip(axes, ('balanced_accuracy', 'kappa'),
+                               ('Balanced accuracy', 'Quadratic kappa')):
+    for name, curve in curves.items():
+      x = curve['n_labeled'].to_numpy()
+      line, = ax.plot(x, curve[metric].to_numpy(), marker='o', ms=3,
+                      label=name)
+      if f'{metric}_ci_low' in curve:
+        ax.fill_between(x, curve[f'{metric}_ci_low'].to_numpy(dtype=float),
+                        curve[f'{metric}_ci_high'].to_numpy(dtype=float),
+                        color=line.get_color(), alpha=0.15, lw=0)
+    if full_data and metric in full_data:
+      ax.axhline(full_data[metric], color='k', ls='--', lw=1,
+                 label='supervised, all labels')
+    ax.set_xlabel('labeled knees')
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)

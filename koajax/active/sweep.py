@@ -1,0 +1,201 @@
+r"""MC-dropout uncertainty sweep of a trained checkpoint over a pool of knees.
+
+  python -m koajax.active.sweep --workdir=RUN [--split=unlabeled] \
+      [--cache=DIR | --manifest=CSV] [--samples=50] [--checkpoint=...] \
+      [--top_k=32] [--out=OUT]
+
+RUN is a `python -m koajax.main` training workdir (its config.json rebuilds
+the model, its checkpoints hold the weights). The pool is a split of the
+run's own data (--split: unlabeled, labeled, val or test), every knee of
+another koajax cache (--cache), or the knees of a DICOM manifest (--manifest,
+with landmarks.csv beside it; cached next to it on first use).
+
+OUT (default RUN/sweep/<checkpoint>-<pool>) receives
+  scores.csv       knee id, side, true grade (-1: ungraded), every score of
+                   `koajax.active.uncertainty` and the mean probabilities;
+  hist_<score>.png a histogram of each score;
+  top_uncertain.png the --top_k knees with the highest --rank_by score.
+The pool is swept in chunks saved under OUT/parts as they finish, so a
+killed sweep reruns only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging as std_logging
+import os
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import pandas as pd
+
+from koajax.active import plots
+from koajax.active import uncertainty
+
+SCORES_CSV = 'scores.csv'
+TOP_PNG = 'top_uncertain.png'
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'best_balanced_accuracy',
+    'best_balanced_accuracy, best_kappa or latest.')
+_SPLIT = flags.DEFINE_string('split', 'unlabeled',
+                             'Pool: unlabeled, labeled, val or test.')
+_CACHE = flags.DEFINE_string('cache', None,
+                             'Pool: every knee of this koajax cache.')
+_MANIFEST = flags.DEFINE_string(
+    'manifest', None, 'Pool: the knees of this DICOM manifest CSV.')
+_SAMPLES = flags.DEFINE_integer('samples', 50, 'MC-dropout passes T.')
+_SAMPLES_PER_PASS = flags.DEFINE_integer(
+    'samples_per_pass', None, 'Vmap this many of the T passes at once '
+    '(less memory); default all.')
+_CHUNK = flags.DEFINE_integer('chunk_size', 64, 'Knees per device call.')
+_TOP_K = flags.DEFINE_integer('top_k', 32, 'Knees in the top-uncertain grid.')
+_RANK_BY = flags.DEFINE_enum('rank_by', 'bald', uncertainty.SCORE_NAMES,
+                             'Score that ranks the grid.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Dropout key seed.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+
+
+def _atomic_save(path: Path, **arrays) -> None:
+  tmp = path.with_name(path.name + '.tmp.npz')
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _pool(trainer, *, split: str, cache_dir, manifest):
+  """(cache, indices, name) of the pool the flags describe."""
+  from koajax.data import cache as cache_lib
+  from koajax.data import sources
+  if cache_dir and manifest:
+    raise ValueError('give --cache or --manifest, not both')
+  if cache_dir:
+    cache = cache_lib.open_cache(cache_dir)
+    return cache, np.arange(len(cache.index)), Path(cache_dir).name
+  if manifest:
+    data = trainer.config.data.copy_and_resolve_references()
+    data.source, data.manifest, data.cache_dir = 'manifest', str(manifest), ''
+    data.landmarks = ''
+    cache = sources.resolve_cache(data)
+    return cache, np.arange(len(cache.index)), Path(manifest).stem
+  return trainer.cache, trainer.split_indices(split), split
+
+
+def score_pool(predictor, state, cache, indices: np.ndarray, *, key,
+               parts_dir: Path | None = None, settings: dict | None = None,
+               progress=None) -> dict[str, np.ndarray]:
+  """Scores and mean probabilities of the knees at `indices`.
+
+  With `parts_dir`, each chunk's results are saved there as they come, next
+  to `settings`; a later call with the same settings loads the chunks it
+  finds instead of recomputing them.
+  """
+  import jax
+  if parts_dir is not None:
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    meta = parts_dir / 'settings.json'
+    settings = json.dumps(settings or {}, sort_keys=True)
+    if not meta.is_file() or meta.read_text() != settings:
+      for stale in parts_dir.glob('chunk_*.npz'):
+        stale.unlink()
+      meta.write_text(settings)
+  results = []
+  # Saved chunks are still read from the cache (cheap next to T passes), so
+  # chunk boundaries stay those of an uninterrupted sweep.
+  for c, images in enumerate(predictor.chunks(cache, indices)):
+    path = parts_dir / f'chunk_{c:05d}.npz' if parts_dir else None
+    if path is not None and path.is_file():
+      with np.load(path) as saved:
+        result = dict(saved)
+    else:
+      probs = predictor(state.params, state.extra, images,
+                        jax.random.fold_in(key, c))
+      result = {**uncertainty.scores(probs),
+                'mean_probs': probs.mean(axis=0)}
+      if path is not None:
+        _atomic_save(path, **result)
+    results.append(result)
+    if progress is not None:
+      progress.update(len(images))
+  return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+
+def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
+          split: str = 'unlabeled', cache_dir=None, manifest=None,
+          num_samples: int = 50, samples_per_pass: int | None = None,
+          chunk_size: int = 64, top_k: int = 32, rank_by: str = 'bald',
+          seed: int = 0, out=None) -> pd.DataFrame:
+  """Runs the sweep and writes scores.csv and the figures; returns the table."""
+  from koajax import config_lib
+  from koajax import runtime
+  config = config_lib.load_run_config(workdir)
+  runtime.configure_cpu_devices(config.get('cpu_devices', 0))
+  import jax
+  import tqdm
+  from koajax import train
+  from koajax.active import mc_dropout
+  from koajax.data import pipeline
+
+  trainer = train.Trainer(config, workdir)
+  state = trainer.load_checkpoint(checkpoint)
+  cache, indices, name = _pool(trainer, split=split, cache_dir=cache_dir,
+                               manifest=manifest)
+  if not len(indices):
+    raise ValueError(f'the pool {name!r} has no knees')
+  out = Path(out) if out else Path(workdir) / 'sweep' / f'{checkpoint}-{name}'
+  predictor = mc_dropout.MCDropoutPredictor(
+      trainer.graphdef, trainer.mesh, num_samples=num_samples,
+      samples_per_pass=samples_per_pass, chunk_size=chunk_size)
+  settings = {
+      'checkpoint': checkpoint, 'step': int(state.step), 'pool': name,
+      'samples': num_samples, 'chunk_size': predictor.chunk_size,
+      'seed': seed, 'knees': hashlib.sha1(
+          np.asarray(indices, np.int64).tobytes()).hexdigest()}
+  with jax.set_mesh(trainer.mesh), tqdm.tqdm(
+      total=len(indices), unit='knee', desc=f'MC dropout x{num_samples}') as bar:
+    result = score_pool(predictor, state, cache, indices,
+                        key=jax.random.key(seed), parts_dir=out / 'parts',
+                        settings=settings, progress=bar)
+
+  index = cache.index.iloc[indices]
+  table = pd.DataFrame({
+      'knee_id': index['knee_id'].to_numpy(), 'side': index['side'].to_numpy(),
+      'kl': index['kl'].to_numpy(),
+      **{s: result[s] for s in uncertainty.SCORE_NAMES},
+      **{f'p{k}': result['mean_probs'][:, k]
+         for k in range(result['mean_probs'].shape[1])}})
+  tmp = out / (SCORES_CSV + '.tmp')
+  table.to_csv(tmp, index=False)
+  os.replace(tmp, out / SCORES_CSV)
+  plots.score_histograms(out, {s: result[s] for s in uncertainty.SCORE_NAMES})
+  top = uncertainty.most_uncertain(result[rank_by], min(top_k, len(indices)))
+  if len(top):
+    images = np.concatenate([b['image'] for b in pipeline.eval_batches(
+        cache, indices[top], batch_size=len(top),
+        sharding=pipeline.Sharding(0, 1))])
+    plots.uncertain_grid(out / TOP_PNG, images, [
+        f'{table.knee_id.iloc[i]}\n{rank_by} {result[rank_by][i]:.3f}'
+        for i in top])
+  print(f'{len(indices)} knees x {num_samples} passes: {out / SCORES_CSV}')
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger('koajax').setLevel(std_logging.INFO)
+  sweep(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+        cache_dir=_CACHE.value, manifest=_MANIFEST.value,
+        num_samples=_SAMPLES.value, samples_per_pass=_SAMPLES_PER_PASS.value,
+        chunk_size=_CHUNK.value, top_k=_TOP_K.value, rank_by=_RANK_BY.value,
+        seed=_SEED.value, out=_OUT.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)
