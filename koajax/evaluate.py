@@ -26,15 +26,17 @@ from absl import logging
 
 from koajax import config_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
-_SPLIT = flags.DEFINE_string('split', 'test',
-                             'test, val, labeled or unlabeled.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'best_balanced_accuracy',
-    'best_balanced_accuracy, best_kappa or latest.')
-_CACHE = flags.DEFINE_string('cache', None, 'Evaluate every graded knee of '
-                             'this koajax cache instead of a split.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+
+def _define_flags() -> None:
+  """Flags of the command, defined only when it runs as a program, so that
+  importing this module beside another command defines none."""
+  flags.DEFINE_string('workdir', None, 'Training workdir.')
+  flags.DEFINE_string('split', 'test', 'test, val, labeled or unlabeled.')
+  flags.DEFINE_string('checkpoint', 'best_balanced_accuracy',
+                      'best_balanced_accuracy, best_kappa or latest.')
+  flags.DEFINE_string('cache', None, 'Evaluate every graded knee of this '
+                      'koajax cache instead of a split.')
+  flags.DEFINE_string('out', None, 'Output folder.')
 
 
 def evaluate(workdir: str | Path, *, split: str = 'test',
@@ -74,10 +76,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('koajax').setLevel(std_logging.INFO)
-  evaluate(_WORKDIR.value, split=_SPLIT.value, checkpoint=_CHECKPOINT.value,
-           cache_dir=_CACHE.value, out=_OUT.value)
+  f = flags.FLAGS
+  evaluate(f.workdir, split=f.split, checkpoint=f.checkpoint,
+           cache_dir=f.cache, out=f.out)
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -207,3 +207,40 @@ def test_train_step_compiles_once(data_root, tmp_path):
     trainer.train()
   assert trainer.total_steps >= 4
   assert trainer._train_step._cache_size() == 1
+
+
+def test_sweep_writes_scores_and_reruns_only_what_is_missing(supervised_run,
+                                                              tmp_path):
+  from koajax.active import sweep
+  _, workdir = supervised_run
+  out = tmp_path / 'sweep'
+  table = sweep.sweep(workdir, split='val', num_samples=4, chunk_size=16,
+                      top_k=6, out=out)
+  n = len(train.Trainer(config_lib.load_run_config(workdir),
+                        workdir).split_indices('val'))
+  written = pd.read_csv(out / 'scores.csv')
+  assert len(written) == n == len(table)
+  probs = written[[f'p{k}' for k in range(5)]].to_numpy()
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+  # Entropy of the mean prediction, by hand from the written means.
+  with np.errstate(divide='ignore', invalid='ignore'):
+    by_hand = -np.where(probs > 0, probs * np.log(probs), 0.0).sum(1)
+  np.testing.assert_allclose(written['entropy'], by_hand, atol=1e-5)
+  np.testing.assert_allclose(written['least_confidence'], 1 - probs.max(1),
+                             atol=1e-6)
+  assert (written['bald'] >= 0).all() and (written['bald'] > 0).any()
+  for name in ('hist_bald.png', 'hist_entropy.png', 'top_uncertain.png'):
+    assert (out / name).stat().st_size > 1000
+  # A killed sweep (one chunk lost) reruns that chunk and ends the same.
+  parts = sorted((out / 'parts').glob('chunk_*.npz'))
+  assert len(parts) == -(-n // 16)
+  parts[-1].unlink()
+  kept = parts[0].stat().st_mtime_ns
+  sweep.sweep(workdir, split='val', num_samples=4, chunk_size=16, top_k=6,
+              out=out)
+  assert parts[0].stat().st_mtime_ns == kept
+  pd.testing.assert_frame_equal(pd.read_csv(out / 'scores.csv'), written)
+  # Other settings recompute everything.
+  other = sweep.sweep(workdir, split='val', num_samples=3, chunk_size=16,
+                      top_k=6, out=out)
+  assert not np.allclose(other['bald'], written['bald'])

@@ -41,6 +41,7 @@ from koajax import runtime
 from koajax import train
 from koajax.active import mc_dropout
 from koajax.active import plots
+from koajax.active import sweep
 from koajax.active import uncertainty
 from koajax.data import sources
 from koajax.data import splits as splits_lib
@@ -202,20 +203,19 @@ class Loop:
 
   def score(self, trainer: train.Trainer, state, rows: np.ndarray,
             r: int) -> dict[str, np.ndarray]:
-    """Every uncertainty score of the knees at `rows` under `state`."""
+    """Every uncertainty score and the mean probabilities of the knees at
+    `rows` under `state`."""
     active = self.config.active
     _, passes = _SCORE_OF.get(active.acquisition, ('entropy', 1))
     if passes == 1:  # one deterministic pass: ENT and LC
-      return uncertainty.scores(trainer.predict(state, rows)[None])
+      probs = trainer.predict(state, rows)
+      return {**uncertainty.scores(probs[None]), 'mean_probs': probs}
     predictor = mc_dropout.MCDropoutPredictor(
         trainer.graphdef, trainer.mesh, num_samples=active.mc_samples,
         samples_per_pass=active.samples_per_pass,
         chunk_size=active.chunk_size)
     key = jax.random.fold_in(jax.random.key(self.config.seed + 1), r)
-    out = [predictor(state.params, state.extra, images,
-                     jax.random.fold_in(key, c))
-           for c, images in enumerate(predictor.chunks(self.cache, rows))]
-    return uncertainty.scores(np.concatenate(out, axis=1))
+    return sweep.score_pool(predictor, state, self.cache, rows, key=key)
 
   def run_round(self, r: int, sets: RoundSets) -> RoundSets | None:
     """Trains, tests and (budget left) scores round r; returns the next
@@ -247,9 +247,11 @@ class Loop:
       return nxt
     index = self.cache.index
     if table is not None:
+      mean = table.pop('mean_probs')
       frame = pd.DataFrame({'row': candidates,
                             'knee_id': index['knee_id'].to_numpy()[candidates],
                             **table,
+                            **{f'p{k}': mean[:, k] for k in range(mean.shape[1])},
                             'queried': np.isin(candidates, queried)})
       frame.to_csv(rdir / 'scores.csv', index=False)
     if nxt is not None:

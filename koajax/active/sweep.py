@@ -39,26 +39,27 @@ from koajax.active import uncertainty
 SCORES_CSV = 'scores.csv'
 TOP_PNG = 'top_uncertain.png'
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'best_balanced_accuracy',
-    'best_balanced_accuracy, best_kappa or latest.')
-_SPLIT = flags.DEFINE_string('split', 'unlabeled',
-                             'Pool: unlabeled, labeled, val or test.')
-_CACHE = flags.DEFINE_string('cache', None,
-                             'Pool: every knee of this koajax cache.')
-_MANIFEST = flags.DEFINE_string(
-    'manifest', None, 'Pool: the knees of this DICOM manifest CSV.')
-_SAMPLES = flags.DEFINE_integer('samples', 50, 'MC-dropout passes T.')
-_SAMPLES_PER_PASS = flags.DEFINE_integer(
-    'samples_per_pass', None, 'Vmap this many of the T passes at once '
-    '(less memory); default all.')
-_CHUNK = flags.DEFINE_integer('chunk_size', 64, 'Knees per device call.')
-_TOP_K = flags.DEFINE_integer('top_k', 32, 'Knees in the top-uncertain grid.')
-_RANK_BY = flags.DEFINE_enum('rank_by', 'bald', uncertainty.SCORE_NAMES,
-                             'Score that ranks the grid.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Dropout key seed.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+def _define_flags() -> None:
+  """Flags of the command, defined only when it runs as a program, so that
+  importing this module beside another command defines none."""
+  flags.DEFINE_string('workdir', None, 'Training workdir.')
+  flags.DEFINE_string('checkpoint', 'best_balanced_accuracy',
+                      'best_balanced_accuracy, best_kappa or latest.')
+  flags.DEFINE_string('split', 'unlabeled',
+                      'Pool: unlabeled, labeled, val or test.')
+  flags.DEFINE_string('cache', None, 'Pool: every knee of this koajax cache.')
+  flags.DEFINE_string('manifest', None,
+                      'Pool: the knees of this DICOM manifest CSV.')
+  flags.DEFINE_integer('samples', 50, 'MC-dropout passes T.')
+  flags.DEFINE_integer('samples_per_pass', None,
+                       'Vmap this many of the T passes at once (less '
+                       'memory); default all.')
+  flags.DEFINE_integer('chunk_size', 64, 'Knees per device call.')
+  flags.DEFINE_integer('top_k', 32, 'Knees in the top-uncertain grid.')
+  flags.DEFINE_enum('rank_by', 'bald', uncertainty.SCORE_NAMES,
+                    'Score that ranks the grid.')
+  flags.DEFINE_integer('seed', 0, 'Dropout key seed.')
+  flags.DEFINE_string('out', None, 'Output folder.')
 
 
 def _atomic_save(path: Path, **arrays) -> None:
@@ -189,13 +190,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('koajax').setLevel(std_logging.INFO)
-  sweep(_WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
-        cache_dir=_CACHE.value, manifest=_MANIFEST.value,
-        num_samples=_SAMPLES.value, samples_per_pass=_SAMPLES_PER_PASS.value,
-        chunk_size=_CHUNK.value, top_k=_TOP_K.value, rank_by=_RANK_BY.value,
-        seed=_SEED.value, out=_OUT.value)
+  f = flags.FLAGS
+  sweep(f.workdir, checkpoint=f.checkpoint, split=f.split, cache_dir=f.cache,
+        manifest=f.manifest, num_samples=f.samples,
+        samples_per_pass=f.samples_per_pass, chunk_size=f.chunk_size,
+        top_k=f.top_k, rank_by=f.rank_by, seed=f.seed, out=f.out)
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -1,0 +1,64 @@
+r"""Overlays the learning curves of several active-learning runs.
+
+  python -m koajax.active.curves --runs=DIR_A,DIR_B,... \
+      [--full_data=SUPERVISED_RUN] [--out=curves.png]
+
+Each DIR is a `configs/active_learning.py` workdir with its curve.csv; the
+legend names its acquisition (and consistency). --full_data is a training
+workdir (or its metrics.json) of a model trained on all labeled knees, drawn
+as a dashed line: what the active learner is trying to reach with fewer
+labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app
+from absl import flags
+import pandas as pd
+
+from koajax import config_lib
+from koajax.active import loop
+from koajax.active import plots
+
+def _define_flags() -> None:
+  """Flags of the command, defined only when it runs as a program."""
+  flags.DEFINE_list('runs', None, 'Active-learning workdirs.')
+  flags.DEFINE_string('full_data', None, 'Supervised run (workdir or '
+                      'metrics.json) trained on all labeled knees.')
+  flags.DEFINE_string('out', 'curves.png', 'PNG to write.')
+
+
+def overlay(runs, *, full_data=None, out='curves.png') -> Path:
+  curves = {}
+  for run in map(Path, runs):
+    path = run / 'curve.csv'
+    if not path.is_file():
+      raise FileNotFoundError(f'{path} not found: {run} is not a finished '
+                              'active-learning run')
+    label = loop.label(config_lib.load_run_config(run))
+    if label in curves:
+      label = f'{label} ({run.name})'
+    curves[label] = pd.read_csv(path)
+  full = None
+  if full_data:
+    path = Path(full_data)
+    path = path / 'metrics.json' if path.is_dir() else path
+    metrics = json.loads(path.read_text())['metrics']
+    full = {k: v['estimate'] for k, v in metrics.items()}
+  return plots.learning_curves(out, curves, full_data=full)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  print(overlay(f.runs, full_data=f.full_data, out=f.out))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  flags.mark_flags_as_required(['runs'])
+  app.run(main)
