@@ -108,3 +108,30 @@ class Step:
     loss.backward()
     self.opt.step()
     return float(loss.detach())
+
+
+def mc_dropout_net(width: int = 32, dropout: float = 0.35) -> SemixupNet:
+  """The network in inference mode with its dropout layers sampling.
+
+  Instance norm has no running statistics, so eval mode changes nothing else;
+  the Dropout modules are put back in training mode, as MC dropout does in
+  PyTorch.
+  """
+  torch.manual_seed(0)
+  net = SemixupNet(width, dropout).eval()
+  for module in net.modules():
+    if isinstance(module, nn.Dropout):
+      module.train()
+  return net
+
+
+def uint8_to_pairs(images) -> torch.Tensor:
+  """(N, 2, H, W) uint8 array -> float pairs in [-1, 1], as koajax does."""
+  return torch.from_numpy(images).float().div_(255.0).sub_(0.5).div_(0.5)
+
+
+@torch.no_grad()
+def mc_dropout_probs(net: SemixupNet, pairs: torch.Tensor,
+                     num_samples: int) -> torch.Tensor:
+  """(T, N, C) softmax samples: a Python loop of T stochastic passes."""
+  return torch.stack([net(pairs).softmax(-1) for _ in range(num_samples)])

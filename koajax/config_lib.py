@@ -183,7 +183,8 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
              round with the rate /10 at epochs 300 and 400. Needs an
              OAI-sized pool: set data.source=manifest or cache.
     quick    about 10 minutes on the default synthetic data on a 2-core CPU:
-             4 rounds up to 200 knees, width 8, batch norm, T = 20.
+             3 rounds of 40 knees up to 120, 8 epochs each, width 8, batch
+             norm, T = 10.
     smoke    three tiny rounds, for tests.
   """
   preset = parse_preset(arg, ('default', 'quick', 'smoke'))
@@ -192,7 +193,6 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
   # The loop sets each round's method from active.consistency.
   del config['method']
   del config['method_kwargs']
-  del config['unlabeled_batch_size']
   config.split = ml_collections.ConfigDict({
       'test_site': 'E',  # held out as the test set ('' tests on val)
       # 1/val_folds of the other sites' subjects validate (model selection
@@ -204,6 +204,12 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
       'acquisition': 'bald',  # one of ACQUISITIONS
       'consistency': True,
       'consistency_weight': 1.0,
+      # False: a fresh network each round. True: start from the previous
+      # round's best weights (fewer epochs needed per round).
+      'warm_start': False,
+      # Candidates drawn at random as the pool (0: every training-site knee
+      # not validating; the paper's pool held 8,050 knees).
+      'pool_size': 0,
       'n_init': 50,
       'n_batch': 50,
       'budget': 800,
@@ -218,11 +224,13 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
   config.num_epochs = 500
   if preset == 'quick':
     config.split.val_folds = 8
-    config.active.update({'budget': 200, 'mc_samples': 20})
+    config.active.update({'pool_size': 400, 'n_init': 40, 'n_batch': 40,
+                          'budget': 120, 'mc_samples': 10})
     config.batch_size = 16
-    config.num_epochs = 30
-    config.eval_every_epochs = 5
-    config.optimizer.boundary_epochs = {'20': 0.1}
+    config.unlabeled_batch_size = 8  # U knees per step, with consistency
+    config.num_epochs = 8
+    config.eval_every_epochs = 2
+    config.optimizer.boundary_epochs = {}
   elif preset == 'smoke':
     config.split.test_site = ''
     config.split.val_folds = 4

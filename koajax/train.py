@@ -283,6 +283,19 @@ class Trainer:
     return managers[name].restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
 
+  def start_from(self, workdir: str | Path,
+                 name: str = 'best_balanced_accuracy') -> None:
+    """Takes the weights and norm statistics of checkpoint `name` of another
+    run of the same model; step and optimiser start afresh."""
+    manager = ocp.CheckpointManager((Path(workdir) / name).absolute())
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no {name!r} checkpoint in {workdir}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+    saved = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+    self.state = self.state.replace(params=saved.params, extra=saved.extra)
+
   # -- data ------------------------------------------------------------------
 
   def _global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

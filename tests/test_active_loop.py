@@ -137,3 +137,23 @@ def test_killed_run_resumes_at_the_round_it_was_in(smoke_run, tmp_path):
     a = json.loads((workdir / f'round_{r:02d}' / 'round.json').read_text())
     b = json.loads((tmp_path / f'round_{r:02d}' / 'round.json').read_text())
     assert a == b
+
+
+def test_curves_overlay_runs_with_the_full_data_line(smoke_run, tmp_path):
+  from koajax.active import curves
+  config, workdir, _ = smoke_run
+  # A second run, as another acquisition would have written it.
+  other = tmp_path / 'random'
+  other.mkdir()
+  shutil.copy(workdir / loop.CURVE_CSV, other)
+  config = config.copy_and_resolve_references()
+  config.active.acquisition, config.active.consistency = 'random', False
+  (other / 'config.json').write_text(config.to_json())
+  full = tmp_path / 'metrics.json'
+  full.write_text(json.dumps({'metrics': {
+      'balanced_accuracy': {'estimate': 0.5}, 'kappa': {'estimate': 0.6}}}))
+  out = curves.overlay([workdir, other], full_data=full,
+                       out=tmp_path / 'curves.png')
+  assert out.stat().st_size > 5000
+  with pytest.raises(FileNotFoundError, match='not a finished'):
+    curves.overlay([tmp_path], out=tmp_path / 'x.png')

@@ -65,18 +65,23 @@ def test_no_dropout_gives_identical_inference_mode_samples(pairs):
       > 1e-4
 
 
-def test_predictor_on_eight_devices_matches_one(pairs):
+def test_predictor_runs_each_device_on_its_own_knees(pairs):
   model = _model()
   graphdef, params, extra = nnx.split(model, nnx.Param, ...)
   images = np.asarray((pairs * 0.5 + 0.5) * 255, np.uint8)[:5]  # 5 knees
   key = jax.random.key(3)
-  mesh8 = runtime.data_mesh(8)
-  assert mesh8.size == 8
-  out = mc_dropout.MCDropoutPredictor(graphdef, mesh8, num_samples=4,
-                                      chunk_size=8)(params, extra, images, key)
+  mesh = runtime.data_mesh(8)
+  assert mesh.size == 8
+  predictor = mc_dropout.MCDropoutPredictor(graphdef, mesh, num_samples=4,
+                                            chunk_size=8)
+  out = predictor(params, extra, images, key)
   assert out.shape == (4, 5, 5)
-  # Independent of the mesh: padded to 8 rows, one device.
-  padded = np.concatenate([images, images[-1:].repeat(3, 0)])
-  x = (jnp.asarray(padded, jnp.float32) / 255.0 - 0.5) / 0.5
-  ref = mc_dropout.mc_dropout_probs(model, x, key, num_samples=4)[:, :5]
-  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(out, predictor(params, extra, images, key))
+  # Device d samples its knee (padded to 8 rows, one per device) with key
+  # fold_in(key, d).
+  x = (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.5
+  for d in range(5):
+    ref = mc_dropout.mc_dropout_probs(model, x[d:d + 1],
+                                      jax.random.fold_in(key, d),
+                                      num_samples=4)
+    np.testing.assert_allclose(out[:, d:d + 1], ref, rtol=1e-4, atol=1e-6)

@@ -8,9 +8,6 @@ from koajax import methods
 from config_loader import load_config as load
 
 
-
-
-
 @pytest.mark.parametrize('method', sorted(methods.METHODS))
 @pytest.mark.parametrize('preset', ['default', 'quick', 'smoke'])
 def test_method_options_are_config_fields(method, preset):
@@ -37,3 +34,19 @@ def test_semixup_reference_options_and_ablations_are_settable():
   config.lock()  # as koajax.main loads it
   with pytest.raises(AttributeError):
     config.method_kwargs.terms.interpolaton = 1.0  # misspelt: refused
+
+
+@pytest.mark.parametrize('preset', ['default', 'quick', 'smoke'])
+def test_active_learning_rounds_train_with_ce_or_the_pi_model(preset):
+  from koajax import config_lib
+  from koajax.active import loop
+  config = load('active_learning', preset)
+  assert config.job == 'active_learning'
+  assert config.active.acquisition in config_lib.ACQUISITIONS
+  assert config.active.n_init <= config.active.budget
+  with_consistency = loop.round_config(config)
+  assert with_consistency.method == 'pi_model'
+  assert methods.from_config(with_consistency).keywords['weight'] == \
+      config.active.consistency_weight
+  config.active.consistency = False
+  assert loop.round_config(config).method == 'supervised'

@@ -244,3 +244,17 @@ def test_sweep_writes_scores_and_reruns_only_what_is_missing(supervised_run,
   other = sweep.sweep(workdir, split='val', num_samples=3, chunk_size=16,
                       top_k=6, out=out)
   assert not np.allclose(other['bald'], written['bald'])
+
+
+def test_start_from_takes_another_runs_weights_not_its_step(supervised_run,
+                                                            tmp_path):
+  config, workdir = supervised_run
+  best = train.Trainer(config, workdir).load_checkpoint(
+      'best_balanced_accuracy')
+  fresh = train.Trainer(config, tmp_path)
+  fresh.start_from(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.params),
+               jax.device_get(fresh.state.params))
+  assert int(fresh.state.step) == 0 and int(best.step) > 0
+  with pytest.raises(FileNotFoundError, match='no .best_kappa. checkpoint'):
+    fresh.start_from(tmp_path / 'nothing', 'best_kappa')

@@ -9,7 +9,8 @@ Each round partitions the candidates into three disjoint sets:
   U     with consistency on, the |D_L| least uncertain other candidates,
         used unlabeled by the consistency term,
   pool  the rest.
-A round trains a fresh network on D_L (and U), tests its best-by-BA
+A round trains a network on D_L (and U) -- a fresh one, or with
+`active.warm_start` the previous round's best -- tests its best-by-BA
 checkpoint on the held-out site, scores U and the pool with the acquisition
 function and moves the `n_batch` most uncertain knees into D_L for the next
 round, until `budget` knees are labeled.
@@ -35,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 import pandas as pd
+import tqdm
 
 from koajax import config_lib
 from koajax import runtime
@@ -141,7 +143,6 @@ def round_config(config: ml_collections.ConfigDict
     cfg.method_kwargs = {'weight': config.active.consistency_weight}
   else:
     cfg.method, cfg.method_kwargs = 'supervised', {}
-  cfg.unlabeled_batch_size = 0
   return cfg
 
 
@@ -166,6 +167,10 @@ class Loop:
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
     self.candidates, self.val, self.test = candidate_split(self.cache.index,
                                                            config.split)
+    if 0 < active.pool_size < len(self.candidates):
+      rng = np.random.default_rng(config.seed)
+      self.candidates = np.sort(rng.choice(self.candidates, active.pool_size,
+                                           replace=False))
     if active.budget > len(self.candidates):
       log.warning('budget %d exceeds the %d candidate knees; the loop stops '
                   'when they are all labeled', active.budget,
@@ -215,7 +220,12 @@ class Loop:
         samples_per_pass=active.samples_per_pass,
         chunk_size=active.chunk_size)
     key = jax.random.fold_in(jax.random.key(self.config.seed + 1), r)
-    return sweep.score_pool(predictor, state, self.cache, rows, key=key)
+    with tqdm.tqdm(total=len(rows), unit='knee',
+                   desc=f'MC dropout x{active.mc_samples}',
+                   disable=(jax.process_index() != 0
+                            or not self.config.progress_bar)) as bar:
+      return sweep.score_pool(predictor, state, self.cache, rows, key=key,
+                              progress=bar)
 
   def run_round(self, r: int, sets: RoundSets) -> RoundSets | None:
     """Trains, tests and (budget left) scores round r; returns the next
@@ -228,6 +238,9 @@ class Loop:
                           val=self.val, test=self.test)
     trainer = train.Trainer(round_config(self.config), rdir, splits=splits,
                             cache=self.cache)
+    if active.warm_start and r > 0 and trainer.ckpt.latest_step() is None:
+      # A resumed round restores its own checkpoint instead.
+      trainer.start_from(self.round_dir(r - 1))
     with jax.set_mesh(trainer.mesh):
       trainer.train()
       report = trainer.test()

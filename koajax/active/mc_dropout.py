@@ -8,9 +8,12 @@ the key, so every layer before the first dropout (the three full-resolution
 convolutions of the Semixup network) runs once and is shared by the T
 samples; the rest runs as one big batch instead of T small ones.
 
-`MCDropoutPredictor` jits this over a device mesh (knees sharded, keys
-replicated) and walks a pool in chunks, so memory is bounded by
-chunk x T whatever the pool size.
+`MCDropoutPredictor` runs this on every device of a mesh for the device's own
+knees (`shard_map`) and walks a pool in chunks, so memory is bounded by
+chunk x T whatever the pool size. Left to the automatic partitioner the
+vmapped batch (T x knees, knees sharded) cannot stay sharded when vmap
+folds T into the batch axis of the convolutions: on 4 CPU devices that ran
+5x slower than under shard_map (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def mc_dropout_probs(model: nnx.Module, pairs: jax.Array, key: jax.Array, *,
 
 def _predict(params, extra, images, key, *, graphdef, num_samples,
              samples_per_pass):
+  """One device's share: its knees, its own dropout keys."""
+  key = jax.random.fold_in(key, jax.lax.axis_index('data'))
   model = nnx.merge(graphdef, params, extra, copy=True)
   pairs = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
   return mc_dropout_probs(model, pairs, key, num_samples=num_samples,
@@ -64,8 +69,9 @@ def _predict(params, extra, images, key, *, graphdef, num_samples,
 class MCDropoutPredictor:
   """MC-dropout probabilities of cached knees, sharded over a mesh.
 
-  Chunk c of a sweep uses the key `fold_in(key, c)`: the same key and chunk
-  size give the same samples, run after run.
+  Chunk c of a sweep uses the key `fold_in(key, c)`, and device d folds in
+  d: the same key, chunk size and device count give the same samples, run
+  after run.
   """
 
   def __init__(self, graphdef, mesh: jax.sharding.Mesh, *, num_samples: int,
@@ -77,11 +83,14 @@ class MCDropoutPredictor:
     # Every device gets the same number of knees.
     self.chunk_size = max(mesh.size, chunk_size // mesh.size * mesh.size)
     self._data = jax.NamedSharding(mesh, jax.P('data'))
-    self._fn = jax.jit(
+    local = jax.shard_map(
         functools.partial(_predict, graphdef=graphdef,
                           num_samples=num_samples,
                           samples_per_pass=samples_per_pass),
-        out_shardings=jax.NamedSharding(mesh, jax.P()))
+        mesh=mesh, in_specs=(jax.P(), jax.P(), jax.P('data'), jax.P()),
+        out_specs=jax.P(None, 'data'))
+    # Replicated output: every process can read all probabilities.
+    self._fn = jax.jit(local, out_shardings=jax.NamedSharding(mesh, jax.P()))
 
   def chunks(self, cache, indices: np.ndarray) -> Iterator[np.ndarray]:
     """uint8 pair images of `indices`, `chunk_size` knees at a time."""
