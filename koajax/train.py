@@ -283,11 +283,12 @@ class Trainer:
     return managers[name].restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
 
-  def start_from(self, workdir: str | Path,
-                 name: str = 'best_balanced_accuracy') -> None:
-    """Takes the weights and norm statistics of checkpoint `name` of another
-    run of the same model; step and optimiser start afresh."""
-    manager = ocp.CheckpointManager((Path(workdir) / name).absolute())
+  def start_from(self, workdir: str | Path, name: str = 'latest') -> None:
+    """Takes the weights and norm statistics of checkpoint `name` ('latest'
+    or 'best_<metric>') of another run of the same model; step and
+    optimiser start afresh."""
+    folder = 'checkpoints' if name == 'latest' else name
+    manager = ocp.CheckpointManager((Path(workdir) / folder).absolute())
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'no {name!r} checkpoint in {workdir}')

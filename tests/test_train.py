@@ -252,9 +252,13 @@ def test_start_from_takes_another_runs_weights_not_its_step(supervised_run,
   best = train.Trainer(config, workdir).load_checkpoint(
       'best_balanced_accuracy')
   fresh = train.Trainer(config, tmp_path)
-  fresh.start_from(workdir)
+  fresh.start_from(workdir, 'best_balanced_accuracy')
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(best.params),
                jax.device_get(fresh.state.params))
   assert int(fresh.state.step) == 0 and int(best.step) > 0
+  latest = train.Trainer(config, workdir).load_checkpoint('latest')
+  fresh.start_from(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(latest.params),
+               jax.device_get(fresh.state.params))
   with pytest.raises(FileNotFoundError, match='no .best_kappa. checkpoint'):
     fresh.start_from(tmp_path / 'nothing', 'best_kappa')

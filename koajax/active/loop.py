@@ -10,7 +10,7 @@ Each round partitions the candidates into three disjoint sets:
         used unlabeled by the consistency term,
   pool  the rest.
 A round trains a network on D_L (and U) -- a fresh one, or with
-`active.warm_start` the previous round's best -- tests its best-by-BA
+`active.warm_start` the previous round's last weights -- tests its best-by-BA
 checkpoint on the held-out site, scores U and the pool with the acquisition
 function and moves the `n_batch` most uncertain knees into D_L for the next
 round, until `budget` knees are labeled.
