@@ -222,8 +222,8 @@ class Trainer:
     self.best_values = {name: -math.inf for name in self.best}
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run.
-      (self.workdir / config_lib.CONFIG_JSON).write_text(config.to_json_best_effort(
-          indent=1))
+      (self.workdir / config_lib.CONFIG_JSON).write_text(
+          config.to_json_best_effort(indent=1))
 
   # -- checkpoints ---------------------------------------------------------
 

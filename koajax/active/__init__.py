@@ -1,4 +1,4 @@
-"""Active learning: uncertainty scores, MC-dropout sweeps and the acquisition loop."""
+"""Active learning: uncertainty scores, MC-dropout sweeps and the loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The active-learning loop: train, test, score the pool, label the most uncertain.
+"""The active-learning loop: train, test, score, label the most uncertain.
 
     python -m koajax.main --config=configs/active_learning.py[:preset] --workdir=DIR
 
@@ -261,11 +261,10 @@ class Loop:
     index = self.cache.index
     if table is not None:
       mean = table.pop('mean_probs')
-      frame = pd.DataFrame({'row': candidates,
-                            'knee_id': index['knee_id'].to_numpy()[candidates],
-                            **table,
-                            **{f'p{k}': mean[:, k] for k in range(mean.shape[1])},
-                            'queried': np.isin(candidates, queried)})
+      frame = pd.DataFrame({
+          'row': candidates, 'knee_id': index['knee_id'].to_numpy()[candidates],
+          **table, **{f'p{k}': mean[:, k] for k in range(mean.shape[1])},
+          'queried': np.isin(candidates, queried)})
       frame.to_csv(rdir / 'scores.csv', index=False)
     if nxt is not None:
       self._save_sets(r + 1, nxt)
@@ -290,19 +289,18 @@ class Loop:
     r = 0
     while self.done(r) is not None:  # resume after the last finished round
       r += 1
-    if r == 0 or self._load_sets(r) is not None:
-      sets = self._load_sets(r)
-      if sets is None:
-        sets = initial_sets(self.candidates, n_init=self.config.active.n_init,
-                            consistency=self.config.active.consistency,
-                            seed=self.config.seed)
-        if jax.process_index() == 0:
-          self._save_sets(0, sets)
-      else:
-        log.info('resuming at round %d', r)
-      while sets is not None:
-        sets = self.run_round(r, sets)
-        r += 1
+    sets = self._load_sets(r)  # None: round r never began, or all are done
+    if r == 0 and sets is None:
+      sets = initial_sets(self.candidates, n_init=self.config.active.n_init,
+                          consistency=self.config.active.consistency,
+                          seed=self.config.seed)
+      if jax.process_index() == 0:
+        self._save_sets(0, sets)
+    elif sets is not None:
+      log.info('resuming at round %d', r)
+    while sets is not None:
+      sets = self.run_round(r, sets)
+      r += 1
     return self.write_curve()
 
   def write_curve(self) -> pd.DataFrame:

@@ -157,7 +157,8 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
       'seed': seed, 'knees': hashlib.sha1(
           np.asarray(indices, np.int64).tobytes()).hexdigest()}
   with jax.set_mesh(trainer.mesh), tqdm.tqdm(
-      total=len(indices), unit='knee', desc=f'MC dropout x{num_samples}') as bar:
+      total=len(indices), unit='knee',
+      desc=f'MC dropout x{num_samples}') as bar:
     result = score_pool(predictor, state, cache, indices,
                         key=jax.random.key(seed), parts_dir=out / 'parts',
                         settings=settings, progress=bar)
