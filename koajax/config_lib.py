@@ -223,7 +223,7 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.num_epochs = 500
   if preset == 'quick':
-    config.split.val_folds = 16
+    config.split.val_folds = 8
     # Each round goes on from the last: 8 epochs of a fresh network on 40
     # to 120 knees stay at chance.
     config.active.update({'pool_size': 400, 'n_init': 40, 'n_batch': 40,
@@ -232,7 +232,7 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.unlabeled_batch_size = 8  # U knees per step, with consistency
     config.num_epochs = 8
-    config.eval_every_epochs = 4
+    config.eval_every_epochs = 2
     config.optimizer.boundary_epochs = {}
   elif preset == 'smoke':
     config.split.test_site = ''

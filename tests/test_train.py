@@ -262,3 +262,17 @@ def test_start_from_takes_another_runs_weights_not_its_step(supervised_run,
                jax.device_get(fresh.state.params))
   with pytest.raises(FileNotFoundError, match='no .best_kappa. checkpoint'):
     fresh.start_from(tmp_path / 'nothing', 'best_kappa')
+
+
+def test_sweep_scores_the_knees_of_a_dicom_manifest(supervised_run, data_root,
+                                                    tmp_path):
+  from koajax.active import sweep
+  _, workdir = supervised_run
+  manifest = next(Path(data_root).glob('synthetic-*/raw/manifest.csv'))
+  table = sweep.sweep(workdir, manifest=manifest, num_samples=2,
+                      chunk_size=32, top_k=4, out=tmp_path)
+  built = json.loads((manifest.with_name('koajax-cache-roi160') /
+                      'meta.json').read_text())
+  assert len(table) == built['num_knees'] > 0
+  assert set(pd.read_csv(tmp_path / 'scores.csv')['knee_id']) == \
+      set(table['knee_id'])
