@@ -185,7 +185,7 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
     quick    about 10 minutes on the default synthetic data on a 2-core CPU:
              a pool of 400 knees, 3 rounds of 40 up to 120, 8 epochs each
              going on from the previous round, width 8, batch norm, T = 10.
-    smoke    three tiny rounds, for tests.
+    smoke    two tiny rounds, for tests.
   """
   preset = parse_preset(arg, ('default', 'quick', 'smoke'))
   config = semixup_family_config('supervised', preset)
@@ -237,7 +237,7 @@ def active_learning_config(arg: str | None) -> ml_collections.ConfigDict:
   elif preset == 'smoke':
     config.split.test_site = ''
     config.split.val_folds = 4
-    config.active.update({'n_init': 8, 'n_batch': 8, 'budget': 24,
+    config.active.update({'n_init': 8, 'n_batch': 8, 'budget': 16,
                           'mc_samples': 3, 'chunk_size': 16})
     config.batch_size = 8
     config.num_epochs = 2

@@ -59,7 +59,7 @@ def evaluate(workdir: str | Path, *, split: str = 'test',
     if not len(indices):
       raise ValueError(f'{cache_dir} has no graded knees to evaluate')
     target = Path(cache_dir).name
-  trainer = train.Trainer(config, workdir)
+  trainer = train.Trainer(config, workdir, splits=train.saved_splits(workdir))
   state = trainer.load_checkpoint(checkpoint)
   if cache_dir is None:
     cache, indices, target = trainer.cache, trainer.split_indices(split), split

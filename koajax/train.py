@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ class Splits:
   unlabeled: np.ndarray
   val: np.ndarray
   test: np.ndarray
+
+
+SPLITS_NPZ = 'splits.npz'
+
+
+def saved_splits(workdir: str | Path) -> Splits | None:
+  """The splits a run wrote to its workdir, or None (older runs)."""
+  path = Path(workdir) / SPLITS_NPZ
+  if not path.is_file():
+    return None
+  with np.load(path) as saved:
+    return Splits(**{f.name: saved[f.name] for f in dataclasses.fields(Splits)})
 
 
 def make_splits(index, cfg: ml_collections.ConfigDict) -> Splits:
@@ -221,9 +234,13 @@ class Trainer:
         for name in ('balanced_accuracy', 'kappa')}
     self.best_values = {name: -math.inf for name in self.best}
     if jax.process_index() == 0:
-      # What `koajax.evaluate` needs to rebuild this run.
+      # What `koajax.evaluate` needs to rebuild this run, including knees
+      # chosen by a caller rather than by config.split.
       (self.workdir / config_lib.CONFIG_JSON).write_text(
           config.to_json_best_effort(indent=1))
+      tmp = self.workdir / f'{SPLITS_NPZ}.tmp.npz'
+      np.savez(tmp, **dataclasses.asdict(self.splits))
+      os.replace(tmp, self.workdir / SPLITS_NPZ)
 
   # -- checkpoints ---------------------------------------------------------
 

@@ -157,3 +157,17 @@ def test_curves_overlay_runs_with_the_full_data_line(smoke_run, tmp_path):
   assert out.stat().st_size > 5000
   with pytest.raises(FileNotFoundError, match='not a finished'):
     curves.overlay([tmp_path], out=tmp_path / 'x.png')
+
+
+def test_a_round_evaluates_on_its_own_knees(smoke_run, tmp_path):
+  from koajax import evaluate
+  _, workdir, curve = smoke_run
+  rdir = workdir / f'round_{len(curve) - 1:02d}'
+  result = evaluate.evaluate(rdir, split='test', out=tmp_path)
+  assert result['metrics'] == json.loads(
+      (rdir / 'metrics.json').read_text())['metrics']
+  evaluate.evaluate(rdir, split='labeled', checkpoint='latest',
+                    out=tmp_path / 'labeled')
+  labeled = pd.read_csv(tmp_path / 'labeled' / 'predictions.csv')
+  sets = json.loads((rdir / 'sets.json').read_text())
+  assert sorted(labeled['knee_id']) == sorted(sets['labeled']['knee_ids'])

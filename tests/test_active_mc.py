@@ -85,3 +85,42 @@ def test_predictor_runs_each_device_on_its_own_knees(pairs):
                                       jax.random.fold_in(key, d),
                                       num_samples=4)
     np.testing.assert_allclose(out[:, d:d + 1], ref, rtol=1e-4, atol=1e-6)
+
+
+class _FakePredictor:
+  """Chunks of 3 'knees'; probabilities from the images, counting calls."""
+  chunk_size = 3
+
+  def __init__(self):
+    self.calls = 0
+
+  def chunks(self, cache, indices):
+    for i in range(0, len(indices), 3):
+      yield np.asarray(indices[i:i + 3])
+
+  def __call__(self, params, extra, images, key):
+    self.calls += 1
+    logits = np.stack([images * 0.1 * t for t in range(1, 5)])[..., None] * \
+        np.arange(5)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_score_pool_saves_chunks_and_recomputes_on_new_settings(tmp_path):
+  import types
+  from koajax.active import sweep
+  state = types.SimpleNamespace(params=None, extra=None)
+  indices = np.arange(8)
+  fake = _FakePredictor()
+  first = sweep.score_pool(fake, state, None, indices, key=jax.random.key(0),
+                           parts_dir=tmp_path, settings={'samples': 4})
+  assert fake.calls == 3 and first['bald'].shape == (8,)
+  (tmp_path / 'chunk_00001.npz').unlink()  # as a kill would leave it
+  again = sweep.score_pool(fake, state, None, indices, key=jax.random.key(0),
+                           parts_dir=tmp_path, settings={'samples': 4})
+  assert fake.calls == 4  # only the missing chunk
+  for name in first:
+    np.testing.assert_array_equal(first[name], again[name])
+  sweep.score_pool(fake, state, None, indices, key=jax.random.key(0),
+                   parts_dir=tmp_path, settings={'samples': 5})
+  assert fake.calls == 7  # other settings: everything again

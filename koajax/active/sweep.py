@@ -141,7 +141,7 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
   from koajax.active import mc_dropout
   from koajax.data import pipeline
 
-  trainer = train.Trainer(config, workdir)
+  trainer = train.Trainer(config, workdir, splits=train.saved_splits(workdir))
   state = trainer.load_checkpoint(checkpoint)
   cache, indices, name = _pool(trainer, split=split, cache_dir=cache_dir,
                                manifest=manifest)
