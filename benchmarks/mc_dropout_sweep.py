@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 MODES = ('predictor', 'loop', 'forward', 'torch')
 
@@ -70,18 +70,6 @@ _MODES = flags.DEFINE_list('modes', list(MODES), f'Modes to time: {MODES}.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference '
                            '(drops "torch" from --modes when false).')
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
-
-
-def cpu_name() -> str:
-  # As in train_step.py, whose flags clash with these if it is imported.
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 class KoajaxModes:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 _METHODS = flags.DEFINE_list('methods', ['supervised', 'semixup'],
                              'Methods to time.')
@@ -47,17 +47,6 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'uses the largest count dividing the batch.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference.')
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 class KoajaxStep:
