@@ -79,16 +79,20 @@ class KoajaxStep:
     self.key = jax.random.key(1)
     step = jax.jit(functools.partial(
         train.train_step, graphdef=graphdef, tx=tx,
-        method=methods.from_config(config), steps_per_epoch=100),
+        method=methods.from_config(config),
+        lr_scale=train.epoch_lr_scale(config.optimizer)),
         donate_argnums=0)
+    self.steps_per_epoch = 100
     start = time.perf_counter()
     with jax.set_mesh(self.mesh):
-      self.compiled = step.lower(self.state, self.batch, self.key).compile()
+      self.compiled = step.lower(self.state, self.batch, self.key,
+                                 self.steps_per_epoch).compile()
     self.compile_s = time.perf_counter() - start
     self._block = jax.block_until_ready
 
   def __call__(self) -> None:
-    self.state, metrics = self.compiled(self.state, self.batch, self.key)
+    self.state, metrics = self.compiled(self.state, self.batch, self.key,
+                                        self.steps_per_epoch)
     self._block(metrics)
 
 

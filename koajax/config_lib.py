@@ -106,6 +106,8 @@ def semixup_family_config(method: str, arg: str | None,
   # CPU only: split the host into this many devices (koajax.runtime); the
   # batch is sharded over the largest count that divides it. 0: JAX default.
   config.cpu_devices = 32
+  # Compiled programs kept across runs (koajax.runtime); '' for none.
+  config.compilation_cache = '~/.cache/koajax/jax'
   config.split = ml_collections.ConfigDict({
       'labels_per_grade': 100,
       'unlabeled_factor': 2,  # unlabeled = factor x labeled knees

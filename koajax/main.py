@@ -46,6 +46,7 @@ def main(argv):
     # Both before JAX creates its backends.
     from koajax import runtime
     runtime.configure_cpu_devices(config.cpu_devices)
+    runtime.enable_compilation_cache(config.compilation_cache)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)

@@ -45,6 +45,21 @@ def configure_cpu_devices(count: int) -> None:
                 count, e, jax.device_count())
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory` (created if missing) across runs.
+
+  A resumed run, the next round of an active-learning run, an evaluation or
+  a rerun of the same config then loads its compiled steps instead of
+  compiling them again (20-40 s each on a 2-core CPU). Empty: no cache. A
+  JAX_COMPILATION_CACHE_DIR setting wins.
+  """
+  if not directory or os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return
+  path = os.path.expanduser(directory)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:

@@ -1,6 +1,6 @@
 """One trainer for every method: a jitted, data-parallel, resumable loop.
 
-    state, metrics = train_step(state, batch, key)
+    state, metrics = train_step(state, batch, key, steps_per_epoch)
 
 is a pure function of plain pytrees, jitted with the state donated; its RNG is
 `fold_in(key, step)`, so a resumed run draws exactly what an uninterrupted run
@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,9 @@ def make_splits(index, cfg: ml_collections.ConfigDict) -> Splits:
 
 
 def create_state(config: ml_collections.ConfigDict, key: jax.Array,
-                 sharding: jax.sharding.Sharding | None = None, *,
-                 steps_per_epoch: int = 1):
+                 sharding: jax.sharding.Sharding | None = None):
   """(graphdef, optimizer, state); the state is initialised by one jit call."""
-  tx = make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch)
+  tx = make_optimizer(config.optimizer)
 
   def init(key):
     model = models.create(config.model, rngs=nnx.Rngs(params=key))
@@ -125,14 +125,12 @@ def create_state(config: ml_collections.ConfigDict, key: jax.Array,
   return graphdef, tx, state
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, *,
-                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
-  """Adam(W) with the learning rate scaled by `boundaries` ({step: scale})
-  and `boundary_epochs` ({epoch: scale}); scales multiply."""
+def make_optimizer(cfg: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """Adam(W) with the learning rate scaled at `boundaries` ({step: scale}).
+
+  `boundary_epochs` is applied by the step itself (`epoch_lr_scale`)."""
   boundaries = {int(k): float(v) for k, v in cfg.get('boundaries', {}).items()}
-  for epoch, scale in cfg.get('boundary_epochs', {}).items():
-    step = int(epoch) * steps_per_epoch
-    boundaries[step] = boundaries.get(step, 1.0) * float(scale)
   schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
   if cfg.weight_decay:
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
@@ -140,13 +138,39 @@ def make_optimizer(cfg: ml_collections.ConfigDict, *,
   return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
 
 
+def epoch_lr_scale(cfg: ml_collections.ConfigDict
+                   ) -> Callable[[jax.Array], jax.Array]:
+  """epoch -> learning-rate factor of `boundary_epochs` ({epoch: scale}):
+  the product of the scales of every boundary epoch reached (0-based, so
+  {300: 0.1} scales from the first step of epoch 300 on).
+
+  The step multiplies Adam's updates by it (the same as scaling the learning
+  rate, weight decay included). Computed from the traced epoch rather than
+  baked into a schedule in steps, one compiled step serves any epoch length:
+  the rounds of an active-learning run differ only in their labeled set.
+  """
+  pairs = sorted((float(e), float(s))
+                 for e, s in cfg.get('boundary_epochs', {}).items())
+
+  def scale(epoch: jax.Array) -> jax.Array:
+    out = jnp.ones((), jnp.float32)
+    for boundary, factor in pairs:
+      out = jnp.where(epoch >= boundary, out * factor, out)
+    return out
+
+  return scale
+
+
 def normalise(images: jax.Array) -> jax.Array:
   """uint8 -> [-1, 1], as the augmentation leaves its output."""
   return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
 
 
-def train_step(state: TrainState, batch, key: jax.Array, *, graphdef, tx,
-               method, steps_per_epoch: int):
+def train_step(state: TrainState, batch, key: jax.Array,
+               steps_per_epoch: jax.Array | int, *, graphdef, tx, method,
+               lr_scale: Callable[[jax.Array], jax.Array] | None = None):
+  """One optimiser step. `steps_per_epoch` is an argument, not a constant,
+  so runs of other lengths reuse the compiled step."""
   key = jax.random.fold_in(key, state.step)
   epoch = state.step / steps_per_epoch
 
@@ -162,6 +186,8 @@ def train_step(state: TrainState, batch, key: jax.Array, *, graphdef, tx,
   (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = optax.tree.scale(lr_scale(epoch), updates)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
   return state.replace(step=state.step + 1, params=params, extra=extra,
@@ -205,13 +231,12 @@ class Trainer:
     self.steps_per_epoch = pipeline.steps_per_epoch(
         len(self.splits.labeled), config.batch_size)
     self.graphdef, tx, self.state = create_state(
-        config, self.init_key, self.replicated,
-        steps_per_epoch=self.steps_per_epoch)
+        config, self.init_key, self.replicated)
     self.total_steps = config.num_epochs * self.steps_per_epoch
     self._train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=tx,
                           method=methods.from_config(config),
-                          steps_per_epoch=self.steps_per_epoch),
+                          lr_scale=epoch_lr_scale(config.optimizer)),
         donate_argnums=0)
     # Replicated output: every process can read all probabilities.
     self._predict = jax.jit(functools.partial(predict_step,
@@ -329,14 +354,16 @@ class Trainer:
               cache=None) -> np.ndarray:
     """Class probabilities of the knees at `indices` of `cache` (default:
     the training cache), in order."""
-    n_dev = self.mesh.size
     batch = self.config.eval_batch_size
+    # Every batch, the last one too, is padded to one shape that splits
+    # evenly over the devices: one compiled program for any number of knees.
+    padded = -(-batch // self.mesh.size) * self.mesh.size
     probs = []
     for b in pipeline.eval_batches(cache or self.cache, indices,
                                    batch_size=batch,
                                    sharding=pipeline.Sharding(0, 1)):
       images = b['image']
-      pad = -len(images) % n_dev  # every device gets the same share
+      pad = padded - len(images)
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
       # Every process holds all images; each device takes its rows.
       out = self._predict(state, jax.make_array_from_callback(
@@ -371,8 +398,8 @@ class Trainer:
                     disable=jax.process_index() != 0 or not cfg.progress_bar)
     pending = None
     while step < self.total_steps:
-      self.state, metrics = self._train_step(self.state, self._next_batch(),
-                                             self.step_key)
+      self.state, metrics = self._train_step(
+          self.state, self._next_batch(), self.step_key, self.steps_per_epoch)
       step += 1
       bar.update()
       if step % cfg.log_every_steps == 0 or step % eval_every == 0 \

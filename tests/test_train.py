@@ -1,5 +1,6 @@
 """The trainer end to end on the smoke presets: every method, resume, devices."""
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -7,8 +8,12 @@ import socket
 import subprocess
 import sys
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 from sklearn import metrics as skm
@@ -190,7 +195,8 @@ def test_step_agrees_on_one_and_eight_devices(data_root, tmp_path):
     state = jax.device_put(host_state, rep)
     sharded = jax.device_put(batch, data)
     with jax.set_mesh(mesh):
-      new_state, metrics = trainer._train_step(state, sharded, key)
+      new_state, metrics = trainer._train_step(state, sharded, key,
+                                               trainer.steps_per_epoch)
     return jax.device_get((new_state.params, metrics))
 
   assert jax.device_count() == 8
@@ -206,7 +212,65 @@ def test_train_step_compiles_once(data_root, tmp_path):
   with jax.set_mesh(trainer.mesh):
     trainer.train()
   assert trainer.total_steps >= 4
+  # Another epoch length (an active-learning round's) reuses the program.
+  with jax.set_mesh(trainer.mesh):
+    trainer._train_step(trainer.state, trainer._next_batch(), trainer.step_key,
+                        trainer.steps_per_epoch + 3)
   assert trainer._train_step._cache_size() == 1
+
+
+class _Affine(nnx.Module):
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x, *, train, rngs):
+    del train, rngs
+    return self.linear(x)
+
+
+def _least_squares(forward, batch, key, *, epoch):
+  del epoch
+  return jnp.mean((forward(batch['x'], key) - batch['y']) ** 2), {}
+
+
+def test_boundary_epochs_scale_the_learning_rate_from_that_epoch_on():
+  cfg = ml_collections.ConfigDict({
+      'learning_rate': 1e-2, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,
+      'boundaries': {}, 'boundary_epochs': {'2': 0.1, '3': 0.5}})
+  scale = train.epoch_lr_scale(cfg)
+  np.testing.assert_allclose(
+      [float(scale(jnp.float32(e))) for e in (0, 1.5, 2, 2.5, 3, 7)],
+      [1, 1, 0.1, 0.1, 0.05, 0.05], rtol=1e-6)
+
+  graphdef, params, extra = nnx.split(_Affine(nnx.Rngs(0)), nnx.Param, ...)
+  tx = train.make_optimizer(cfg)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           extra=extra, opt_state=tx.init(params))
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef,
+                                   tx=tx, method=_least_squares,
+                                   lr_scale=scale))
+  # Reference: optax's Adam with the learning rate set by hand each step.
+  ref_tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+  ref_params = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+  ref_state = ref_tx.init(ref_params)
+  rng = np.random.default_rng(0)
+  steps_per_epoch = 3
+  for s in range(12):
+    batch = {'x': rng.normal(size=(4, 3)).astype(np.float32),
+             'y': rng.normal(size=(4, 2)).astype(np.float32)}
+    state, _ = step(state, batch, jax.random.key(0), steps_per_epoch)
+    epoch = s // steps_per_epoch
+    ref_state.hyperparams['learning_rate'] = 1e-2 * (
+        (0.1 if epoch >= 2 else 1.0) * (0.5 if epoch >= 3 else 1.0))
+    grads = jax.grad(lambda p: jnp.mean(
+        (batch['x'] @ p['linear']['kernel'] + p['linear']['bias']
+         - batch['y']) ** 2))(ref_params)
+    updates, ref_state = ref_tx.update(grads, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)),
+               ref_params)
 
 
 def test_sweep_writes_scores_and_reruns_only_what_is_missing(supervised_run,

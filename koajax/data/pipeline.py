@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import os
 from typing import Any
 
 from absl import flags
@@ -190,12 +191,15 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
     worker_count: worker processes (0 = read and decode in this process,
       with `read_threads` threads).
     worker_buffer_size: batches each worker prepares ahead.
-    read_threads: threads per process reading and mapping elements (Grain's
-      default when None).
+    read_threads: threads per process reading and mapping batches (default:
+      one per core, at most 16).
   """
-  read_options = (grain.ReadOptions() if read_threads is None
-                  else grain.ReadOptions(num_threads=read_threads))
-  it_ds = ds.to_iter_dataset(read_options)
+  threads = read_threads or min(16, os.cpu_count() or 1)
+  # Grain's default buffer is 500 elements, here whole batches: thousands of
+  # knees decoded ahead at every start, on the cores that compile and run the
+  # first steps. Two batches per thread keep every thread busy.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=2 * threads))
   if worker_count > 0:
     _mark_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
