@@ -8,9 +8,12 @@ where `forward(images, key)` runs the model in training mode (dropout on, keyed
 by `key`) on float Siamese pairs (N, 2, H, W), `batch` holds uint8 images
 ('labeled', and 'unlabeled' for the semi-supervised methods), and `epoch` is
 the (fractional) epoch for ramp-ups. Augmentation happens here, on the
-device, so it fuses into the jitted step. Every forward pass a method needs is
-made as ONE call on the concatenated views: one big batch runs faster than
-several small ones and gives each view its own dropout mask all the same.
+device, so it fuses into the jitted step. Each view is its own forward call:
+concatenating the views along the sharded batch axis would move images
+between devices and give each device a larger batch, on which XLA's CPU
+weight-gradient convolutions run slower per knee (the Semixup step took 57 s
+with one call on the concatenated views, 45 s with one per view; see
+benchmarks/README.md).
 
 The losses themselves are the pure functions of `koajax.losses`; a method is
 the recipe of views around one of them, and a config picks it by name.
@@ -39,18 +42,10 @@ def _augment(key: Array, images: Array) -> Array:
   return augment.augment_batch(augment.semixup_augment, key, images)
 
 
-def _split_sizes(*sizes: int) -> list[int]:
-  out, total = [], 0
-  for s in sizes[:-1]:
-    total += s
-    out.append(total)
-  return out
-
-
 def _forward(forward: Forward, key: Array, *views: Array) -> list[Array]:
-  """Logits of several view batches from a single forward pass."""
-  logits = forward(jnp.concatenate(views), key)
-  return jnp.split(logits, _split_sizes(*[v.shape[0] for v in views]))
+  """Logits of several view batches, one forward pass (and dropout key) per
+  view."""
+  return [forward(v, jax.random.fold_in(key, i)) for i, v in enumerate(views)]
 
 
 def supervised(forward: Forward, batch: Mapping[str, Any], key: Array, *,
