@@ -18,6 +18,9 @@ Run (CPU):
   python benchmarks/train_step.py                      # SL and Semixup
   python benchmarks/train_step.py --methods=supervised --cpu_devices=8
 
+On a GPU host both sides run on the GPU (PyTorch on cuda unless
+--torch_device says otherwise); timing waits for each step to finish.
+
 Results print as a Markdown table and go to --out as JSON.
 """
 
@@ -46,6 +49,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 32, 'CPU devices for koajax (koajax.runtime); the mesh '
     'uses the largest count dividing the batch.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference.')
+_TORCH_DEVICE = flags.DEFINE_string(
+    'torch_device', 'auto', "PyTorch's device; auto: cuda when available.")
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 
@@ -98,16 +103,23 @@ class KoajaxStep:
 
 class TorchStep:
 
-  def __init__(self, method: str, batch_size: int, width: int):
+  def __init__(self, method: str, batch_size: int, width: int, device: str):
     import torch_reference
-    self.step = torch_reference.Step(method, width)
-    self.batch = torch_reference.make_batch(method, batch_size)
+    self.step = torch_reference.Step(method, width, device=device)
+    self.batch = torch_reference.make_batch(method, batch_size, device=device)
     start = time.perf_counter()
     self.step(self.batch)
     self.first_step_s = time.perf_counter() - start
 
   def __call__(self) -> None:
     self.step(self.batch)
+
+
+def torch_device() -> str:
+  if _TORCH_DEVICE.value != 'auto':
+    return _TORCH_DEVICE.value
+  import torch
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def time_steps(step, n: int) -> list[float]:
@@ -129,7 +141,8 @@ def main(argv):
   results = []
   for method in _METHODS.value:
     ours = KoajaxStep(method, _BATCH.value, _WIDTH.value)
-    ref = TorchStep(method, _BATCH.value, _WIDTH.value) if _TORCH.value else None
+    ref = (TorchStep(method, _BATCH.value, _WIDTH.value, torch_device())
+           if _TORCH.value else None)
     times = {'koajax': [], 'torch': []}
     for _ in range(_ROUNDS.value):
       times['koajax'] += time_steps(ours, _STEPS.value)
@@ -143,6 +156,7 @@ def main(argv):
       import torch
       row.update(torch_first_step_s=ref.first_step_s,
                  torch_step_s=times['torch'], torch_version=torch.__version__,
+                 torch_device=torch_device(),
                  torch_threads=torch.get_num_threads())
     results.append(row)
     print(json.dumps(row), flush=True)
