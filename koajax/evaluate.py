@@ -46,8 +46,7 @@ def evaluate(workdir: str | Path, *, split: str = 'test',
   """Writes the report of `checkpoint` on `split` (or all of `cache_dir`)."""
   config = config_lib.load_run_config(workdir)
   from koajax import runtime
-  runtime.configure_cpu_devices(config.get('cpu_devices', 0))
-  runtime.enable_compilation_cache(config.get('compilation_cache', ''))
+  runtime.configure_host(config)
   import jax
   import numpy as np
   from koajax import train

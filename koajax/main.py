@@ -45,8 +45,7 @@ def main(argv):
   elif config.job in ('train', 'active_learning'):
     # Both before JAX creates its backends.
     from koajax import runtime
-    runtime.configure_cpu_devices(config.cpu_devices)
-    runtime.enable_compilation_cache(config.compilation_cache)
+    runtime.configure_host(config)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)

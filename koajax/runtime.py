@@ -60,6 +60,13 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
 
 
+def configure_host(config) -> None:
+  """A run config's `cpu_devices` and `compilation_cache`, before JAX starts
+  (configs saved before either field existed get JAX's defaults)."""
+  configure_cpu_devices(config.get('cpu_devices', 0))
+  enable_compilation_cache(config.get('compilation_cache', ''))
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:

@@ -139,7 +139,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict
 
 
 def epoch_lr_scale(cfg: ml_collections.ConfigDict
-                   ) -> Callable[[jax.Array], jax.Array]:
+                   ) -> Callable[[jax.Array], jax.Array] | None:
   """epoch -> learning-rate factor of `boundary_epochs` ({epoch: scale}):
   the product of the scales of every boundary epoch reached (0-based, so
   {300: 0.1} scales from the first step of epoch 300 on).
@@ -148,9 +148,12 @@ def epoch_lr_scale(cfg: ml_collections.ConfigDict
   rate, weight decay included). Computed from the traced epoch rather than
   baked into a schedule in steps, one compiled step serves any epoch length:
   the rounds of an active-learning run differ only in their labeled set.
+  None without boundaries: the step then scales nothing.
   """
   pairs = sorted((float(e), float(s))
                  for e, s in cfg.get('boundary_epochs', {}).items())
+  if not pairs:
+    return None
 
   def scale(epoch: jax.Array) -> jax.Array:
     out = jnp.ones((), jnp.float32)

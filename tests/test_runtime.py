@@ -7,12 +7,14 @@ import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A fresh process (JAX reads its cache settings once): enable the cache as
+# A fresh process (JAX reads its cache settings once): configure the host as
 # koajax.main does, compile one program, print where the cache went.
 _PROGRAM = textwrap.dedent('''
     import sys
+    import ml_collections
     from koajax import runtime
-    runtime.enable_compilation_cache(sys.argv[1])
+    runtime.configure_host(
+        ml_collections.ConfigDict({'compilation_cache': sys.argv[1]}))
     import jax
     import jax.numpy as jnp
     jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()

@@ -134,8 +134,7 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
   from koajax import config_lib
   from koajax import runtime
   config = config_lib.load_run_config(workdir)
-  runtime.configure_cpu_devices(config.get('cpu_devices', 0))
-  runtime.enable_compilation_cache(config.get('compilation_cache', ''))
+  runtime.configure_host(config)
   import jax
   import tqdm
   from koajax import train
