@@ -105,7 +105,7 @@ class KoajaxModes:
       m = nnx.merge(graphdef, params, extra, copy=True)
       pairs = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
       logits = m(pairs, train=False, dropout=dropout,
-                 rngs=nnx.Rngs(dropout=key))
+                 rngs=nnx.Rngs(dropout=key))['logits']['kl']
       return jax.nn.softmax(logits.astype(jnp.float32))
 
     self.single = jax.jit(functools.partial(probs, dropout=True))

@@ -2,8 +2,8 @@ r"""Train-step throughput of koajax against a PyTorch reference, alternated.
 
 For each method (SL and Semixup by default) this times one optimiser step of
 the Semixup network at the paper's width:
-  * koajax: the trainer's own jitted step (`koajax.train.train_step` with the
-    method of `koajax.methods`), batch sharded over the data mesh the trainer
+  * koajax: the trainer's own jitted step (`koajax.train.step.train_step`
+    with the method of `koajax.methods`), batch sharded over the data mesh the trainer
     would use, on-device augmentation of uint8 images included;
   * PyTorch: the same network and loss in eager PyTorch
     (`benchmarks/torch_reference.py`) on already-augmented float batches.
@@ -60,32 +60,36 @@ class KoajaxStep:
   def __init__(self, method: str, batch_size: int, width: int):
     import jax
     import numpy as np
-    from koajax import config_lib, methods, runtime, train
+    from koajax import config_lib, methods, runtime, tasks
+    from koajax.train import step as step_lib
 
-    config = config_lib.semixup_family_config(method, None)
+    semixup = config_lib.load_sibling(
+        'semixup', os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), 'configs', 'semixup.py'))
+    config = semixup.family_config(method, None)
     config.model.width = width
     config.batch_size = batch_size
-    semi = method in methods.SEMI_SUPERVISED
+    task = tasks.from_config(config)
+    method_obj = methods.from_config(config, task)
     self.mesh = runtime.data_mesh(batch_size)
     rep = jax.NamedSharding(self.mesh, jax.P())
     data = jax.NamedSharding(self.mesh, jax.P('data'))
     with jax.set_mesh(self.mesh):
-      graphdef, tx, self.state = train.create_state(
-          config, jax.random.key(0), rep)
+      graphdef, tx, self.state = step_lib.create_state(
+          config, task, jax.random.key(0), sharding=rep)
     rng = np.random.default_rng(0)
 
     def knees():
+      kl = rng.integers(0, 5, batch_size, dtype=np.int32)
       return {'image': jax.device_put(rng.integers(
                   0, 256, (batch_size, 2, 128, 128), dtype=np.uint8), data),
-              'kl': jax.device_put(rng.integers(
-                  0, 5, batch_size, dtype=np.int32), data)}
+              'labels': {'kl': jax.device_put(kl, data)}}
 
-    self.batch = {'labeled': knees(), **({'unlabeled': knees()} if semi else {})}
+    self.batch = {name: knees() for name in method_obj.streams}
     self.key = jax.random.key(1)
     step = jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx,
-        method=methods.from_config(config),
-        lr_scale=train.epoch_lr_scale(config.optimizer)),
+        step_lib.train_step, graphdef=graphdef, tx=tx, method=method_obj,
+        lr_scale=step_lib.epoch_lr_scale(config.optimizer)),
         donate_argnums=0)
     self.steps_per_epoch = 100
     start = time.perf_counter()

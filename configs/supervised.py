@@ -2,8 +2,8 @@
 
   python -m koajax.main --config=configs/supervised.py:quick --workdir=/tmp/koajax-supervised
 
-Presets (`:default`, `:quick`, `:smoke`) are described in
-`koajax.config_lib.semixup_family_config`; change single fields with
+Presets (`:default`, `:quick`, `:smoke`) are Semixup's, described in
+configs/semixup.py; change single fields with
 `--config.split.labels_per_grade=50` and the like.
 """
 
@@ -11,4 +11,5 @@ from koajax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.semixup_family_config('supervised', arg)
+  semixup = config_lib.load_sibling('semixup', __file__)
+  return semixup.family_config('supervised', arg)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from koajax.active import loop
+from koajax.data import split_recipes
 from config_loader import load_config
 
 
@@ -65,7 +66,9 @@ def test_candidates_validation_and_test_are_subject_disjoint():
       'site': np.repeat(list('ABCDE'), 48),
       'kl': np.tile([0, 1, 2, 3, 4, 2, 1, 0], 30)})
   cfg = load_config('active_learning').split
-  candidates, val, test = loop.candidate_split(index, cfg)
+  split = split_recipes.make_splits(index, cfg)
+  candidates, val, test = split.labeled, split.val, split.test
+  assert not len(split.unlabeled)
   assert set(index.site.iloc[test]) == {'E'}
   subjects = [set(index.subject_id.iloc[rows]) for rows in
               (candidates, val, test)]

@@ -44,7 +44,7 @@ def test_each_sample_is_one_pass_with_its_key(pairs):
   samples = _sample(model, pairs, key)
   for t, k in enumerate(jax.random.split(key, 5)):
     one = jax.nn.softmax(model(pairs, train=False, dropout=True,
-                               rngs=nnx.Rngs(dropout=k)))
+                               rngs=nnx.Rngs(dropout=k))['logits']['kl'])
     np.testing.assert_allclose(samples[t], one, rtol=1e-5, atol=1e-6)
   grouped = nnx.jit(lambda m, x, k: mc_dropout.mc_dropout_probs(
       m, x, k, num_samples=5, samples_per_pass=2))(model, pairs, key)
@@ -58,10 +58,11 @@ def test_no_dropout_gives_identical_inference_mode_samples(pairs):
     if isinstance(var, nnx.BatchStat):
       var[...] = var[...] + (0.5 if path[-1] == 'mean' else 2.0)
   samples = _sample(model, pairs, jax.random.key(0))
-  expected = jax.nn.softmax(model(pairs, train=False))
+  expected = jax.nn.softmax(model(pairs, train=False)['logits']['kl'])
   for s in samples:
     np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-7)
-  assert np.abs(expected - jax.nn.softmax(model(pairs, train=True))).max() \
+  assert np.abs(expected - jax.nn.softmax(
+      model(pairs, train=True)['logits']['kl'])).max() \
       > 1e-4
 
 

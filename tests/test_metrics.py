@@ -1,10 +1,12 @@
-"""Tests for koajax.evaluation.metrics and .bootstrap against NumPy by hand."""
+"""Tests for koajax.evaluation.metrics and .bootstrap against NumPy by hand
+and scikit-learn."""
 
 import time
 
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn import metrics as sk_metrics
 
 from koajax.evaluation import bootstrap
 from koajax.evaluation import metrics
@@ -245,3 +247,169 @@ def test_bootstrap_is_fast():
   bootstrap.stratified_ci(metrics.kl_metrics, y, probs, n_resamples=1000)
   # About 0.3 s on 2 cores; a per-resample scikit-learn loop takes minutes.
   assert time.perf_counter() - start < 10.0
+
+
+# Log loss.
+
+
+def test_log_loss_equals_sklearn():
+  y, probs = _predictions(500, decimals=None, seed=6)
+  want = sk_metrics.log_loss(y, probs, labels=range(5))
+  assert metrics.kl_metrics(y, probs)['log_loss'] == pytest.approx(want,
+                                                                   rel=1e-12)
+  assert 'log_loss' in metrics.LOWER_IS_BETTER
+
+
+def test_log_loss_clips_like_sklearn():
+  y = np.array([0, 1, 2, 1])
+  # A true class with probability 0 (and one with 1) hits the clipping.
+  probs = np.array([[0.0, 1.0, 0.0], [0.2, 0.8, 0.0], [0.1, 0.1, 0.8],
+                    [0.0, 1.0, 0.0]])
+  got = metrics.classification_metrics(y, probs)['log_loss']
+  want = sk_metrics.log_loss(y, probs, labels=range(3))
+  assert np.isfinite(got)
+  assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_resampled_log_loss_equals_sklearn_with_sample_weight():
+  y, probs = _predictions(300, 4, decimals=None, seed=7)
+  rng = np.random.default_rng(2)
+  counts = rng.integers(0, 4, size=(5, y.size)).astype(float)
+  counts[1] = rng.random(y.size)  # non-integer weights too
+  got = metrics.resampled_metrics(y, probs, counts)['log_loss']
+  for row, weights in enumerate(counts):
+    want = sk_metrics.log_loss(y, probs, labels=range(4),
+                               sample_weight=weights)
+    assert got[row] == pytest.approx(want, rel=1e-12)
+
+
+def test_metric_names_match_the_computed_metrics():
+  y, probs = _predictions(100, 4)
+  for positive_from in (None, 2):
+    point = metrics.classification_metrics(y, probs,
+                                           positive_from=positive_from)
+    resampled = metrics.resampled_metrics(y, probs, np.ones((1, y.size)),
+                                          positive_from=positive_from)
+    names = metrics.metric_names(4, positive_from)
+    assert list(resampled) == list(names)
+    assert [n for n in point if n != 'confusion_matrix'] == list(names)
+
+
+# Several heads.
+
+
+def _sklearn_head(y, probs, positive_from=None):
+  """A head's metrics computed directly with scikit-learn."""
+  num_classes = probs.shape[1]
+  pred = probs.argmax(axis=1)
+  out = {
+      'balanced_accuracy': sk_metrics.balanced_accuracy_score(y, pred),
+      'kappa': sk_metrics.cohen_kappa_score(y, pred, weights='quadratic',
+                                            labels=range(num_classes)),
+      'mse': sk_metrics.mean_squared_error(y, pred),
+      'accuracy': sk_metrics.accuracy_score(y, pred),
+      'log_loss': sk_metrics.log_loss(y, probs, labels=range(num_classes)),
+  }
+  if positive_from is not None:
+    positive = y >= positive_from
+    score = probs[:, positive_from:].sum(axis=1)
+    out['roc_auc'] = sk_metrics.roc_auc_score(positive, score)
+    out['average_precision'] = sk_metrics.average_precision_score(positive,
+                                                                  score)
+  return out
+
+
+def _heads(n=400, seed=0):
+  """KL and two OARSI grades, these with ungraded knees."""
+  kl_y, kl_p = _predictions(n, 5, seed=seed, decimals=None)
+  ost_y, ost_p = _predictions(n, 4, seed=seed + 1, decimals=None)
+  jsn_y, jsn_p = _predictions(n, 4, seed=seed + 2, decimals=None)
+  ost_y[::7] = metrics.MASKED
+  jsn_y[1::5] = metrics.MASKED
+  labels = {'kl': kl_y, 'ost_tl': ost_y, 'jsn_m': jsn_y}
+  probs = {'kl': kl_p, 'ost_tl': ost_p, 'jsn_m': jsn_p}
+  return labels, probs
+
+
+def test_head_scores_names_and_values_equal_sklearn():
+  labels, probs = _heads()
+  positive_from = {'kl': 2, 'ost_tl': 1}
+  got = metrics.head_scores(labels, probs, positive_from=positive_from,
+                            mean_heads=['ost_tl', 'jsn_m'])
+  want = {}
+  for head in labels:
+    graded = labels[head] >= 0
+    want[head] = _sklearn_head(labels[head][graded], probs[head][graded],
+                               positive_from.get(head))
+    for name, value in want[head].items():
+      assert got[f'{head}/{name}'] == pytest.approx(value, rel=1e-9), (head,
+                                                                       name)
+    assert f'{head}/recall_3' in got
+  # The first head also under the bare names.
+  for name, value in want['kl'].items():
+    assert got[name] == pytest.approx(value, rel=1e-9), name
+  assert 'recall_4' in got and 'ost_tl/recall_4' not in got
+  # The mean covers the metrics both mean heads have, and nothing else.
+  assert got['mean/kappa'] == pytest.approx(
+      (want['ost_tl']['kappa'] + want['jsn_m']['kappa']) / 2, rel=1e-9)
+  assert 'mean/roc_auc' not in got and 'mean/recall_4' not in got
+  assert got['loss'] == pytest.approx(
+      np.mean([want[head]['log_loss'] for head in labels]), rel=1e-9)
+  assert all(isinstance(value, float) for value in got.values())
+
+
+def test_head_scores_without_mean_heads_or_graded_knees():
+  labels, probs = _heads(100)
+  labels['jsn_m'][:] = metrics.MASKED
+  got = metrics.head_scores(labels, probs, positive_from={'jsn_m': 1})
+  assert not any(name.startswith('mean/') for name in got)
+  # Undefined is NaN, never 0.
+  for name in metrics.metric_names(4, 1):
+    assert np.isnan(got[f'jsn_m/{name}']), name
+  assert np.isnan(got['loss'])
+  assert np.isfinite(got['kl/log_loss'])
+
+
+def test_head_scores_rejects_bad_heads():
+  labels, probs = _heads(50)
+  with pytest.raises(ValueError, match='unknown heads'):
+    metrics.head_scores(labels, probs, positive_from={'oops': 1})
+  with pytest.raises(ValueError, match='unknown heads'):
+    metrics.head_scores(labels, probs, positive_from={}, mean_heads=['oops'])
+  with pytest.raises(ValueError, match='head name'):
+    metrics.head_scores({'mean': labels['kl']}, {'mean': probs['kl']},
+                        positive_from={})
+  bad = dict(labels, kl=labels['kl'] - 2)  # -2 is neither a grade nor masked
+  with pytest.raises(ValueError):
+    metrics.head_scores(bad, probs, positive_from={})
+
+
+def test_joint_mean_ci_equals_a_loop_over_the_same_resamples():
+  labels, probs = _heads(150, seed=3)
+  heads = list(labels)
+  sets = {'kl': metrics.MetricSet(positive_from=2), 'ost_tl':
+          metrics.MetricSet(), 'jsn_m': metrics.MetricSet()}
+  n_resamples, seed = 30, 4
+  got = bootstrap.joint_mean_ci(
+      [(sets[h], labels[h], probs[h]) for h in heads], labels['kl'],
+      n_resamples=n_resamples, seed=seed)
+  assert 'roc_auc' not in got  # only the kl head has it
+  # The same knees for every head in each resample, scored with sklearn.
+  indices = bootstrap.stratified_resample_indices(
+      labels['kl'], n_resamples=n_resamples, seed=seed)
+  for name in ('balanced_accuracy', 'kappa', 'mse', 'log_loss'):
+    values = []
+    for rows in indices:
+      per_head = []
+      for head in heads:
+        kept = rows[labels[head][rows] >= 0]
+        per_head.append(_sklearn_head(labels[head][kept],
+                                      probs[head][kept])[name])
+      values.append(np.mean(per_head))
+    low, high = np.percentile(values, [2.5, 97.5])
+    assert got[name].low == pytest.approx(low, rel=1e-9), name
+    assert got[name].high == pytest.approx(high, rel=1e-9), name
+    estimate = np.mean([_sklearn_head(labels[h][labels[h] >= 0],
+                                      probs[h][labels[h] >= 0])[name]
+                        for h in heads])
+    assert got[name].estimate == pytest.approx(estimate, rel=1e-9), name

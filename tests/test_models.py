@@ -52,12 +52,13 @@ def test_kneenet_parameter_count():
 def test_dropout_keys_are_passed_at_call_time(make):
   model = make()
   x = jax.random.normal(jax.random.key(1), (2, 2, 64, 64))
-  forward = nnx.jit(lambda m, x: m(x))
+  forward = nnx.jit(lambda m, x: m(x)['logits']['kl'])
   eval1, eval2 = forward(model, x), forward(model, x)
   np.testing.assert_array_equal(eval1, eval2)
   assert eval1.shape == (2, 5)
   train_forward = nnx.jit(
-      lambda m, x, key: m(x, train=True, rngs=nnx.Rngs(dropout=key)))
+      lambda m, x, key: m(x, train=True,
+                          rngs=nnx.Rngs(dropout=key))['logits']['kl'])
   train = lambda seed: train_forward(model, x, jax.random.key(seed))
   if isinstance(model, siamese.SemixupNet):
     np.testing.assert_array_equal(train(3), train(3))
@@ -70,7 +71,7 @@ def test_branch_is_shared_between_patches():
   x = jax.random.normal(jax.random.key(2), (3, 2, 32, 32))
   feats = nnx.jit(lambda m, p: m.features(p.reshape(-1, 32, 32, 1),
                                           train=False, dropout=False,
-                                          rngs=None).reshape(3, -1))
+                                          rngs=None)[1].reshape(3, -1))
   f, g = feats(model, x), feats(model, x[:, ::-1])
   np.testing.assert_allclose(f[:, :256], g[:, 256:], rtol=1e-5, atol=1e-6)
 
@@ -92,7 +93,30 @@ def test_bfloat16_compute_tracks_float32():
   bf16 = siamese.SemixupNet(width=4, dtype='bfloat16', rngs=nnx.Rngs(0))
   # Same float32 parameters; only the compute dtype differs.
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nnx.state(bf16)))
-  out32, out16 = f32(x), bf16(x)
+  out32, out16 = f32(x)['logits']['kl'], bf16(x)['logits']['kl']
   assert out16.dtype == jnp.float32
   np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()))
   assert not np.array_equal(out16, out32)  # bf16 really ran
+
+
+def test_outputs_carry_every_head_and_the_features():
+  """One linear head per task head on the same pooled features, and the
+  last feature maps of both patches for Grad-CAM."""
+  heads = {'kl': 5, 'ost_tl': 4, 'jsn_m': 4}
+  model = siamese.SemixupNet(pooling='gap', width=4, heads=heads,
+                             rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (3, 2, 32, 32))
+  out = nnx.jit(lambda m, p: m(p))(model, x)
+  assert {k: v.shape for k, v in out['logits'].items()} == {
+      'kl': (3, 5), 'ost_tl': (3, 4), 'jsn_m': (3, 4)}
+  pooled = np.asarray(out['features']['pooled'])
+  assert pooled.shape == (3, 64)
+  assert out['features']['maps'].shape == (3, 2, 4, 4, 32)
+  # GAP of the maps is the pooled vector, lateral then medial.
+  maps = np.asarray(out['features']['maps'])
+  np.testing.assert_allclose(
+      pooled, maps.mean(axis=(2, 3)).reshape(3, -1), rtol=1e-5, atol=1e-6)
+  for name, head in model.heads.items():
+    np.testing.assert_allclose(
+        out['logits'][name],
+        pooled @ np.asarray(head.kernel[...]) + 0.0, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from koajax import config_lib
 from koajax import evaluate
 from koajax import methods
 from koajax import train
+from koajax.train import step as step_lib
 from config_loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,8 @@ def smoke_config(name, data_root, **overrides):
   return config
 
 
-@pytest.mark.parametrize('method', sorted(methods.METHODS))
+@pytest.mark.parametrize('method', ['supervised', 'mixup', 'pi_model', 'ict',
+                                    'mixmatch', 'semixup'])
 def test_every_method_trains_and_reports(method, data_root, tmp_path):
   config = smoke_config(method, data_root)
   result = train.train_and_evaluate(config, tmp_path)
@@ -181,8 +183,7 @@ def test_non_finite_loss_stops_with_a_clear_message(data_root, tmp_path):
 def test_step_agrees_on_one_and_eight_devices(data_root, tmp_path):
   config = smoke_config('supervised', data_root)
   trainer = train.Trainer(config, tmp_path)
-  batch = {name: {k: np.asarray(v) for k, v in next(it).items()
-                  if k in ('image', 'kl')}
+  batch = {name: jax.tree.map(np.asarray, next(it))
            for name, it in trainer.streams.items()}
   key = jax.random.key(3)
   host_state = jax.device_get(trainer.state)  # the step donates its input
@@ -238,17 +239,19 @@ def test_boundary_epochs_scale_the_learning_rate_from_that_epoch_on():
   cfg = ml_collections.ConfigDict({
       'learning_rate': 1e-2, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,
       'boundaries': {}, 'boundary_epochs': {'2': 0.1, '3': 0.5}})
-  scale = train.epoch_lr_scale(cfg)
+  scale = step_lib.epoch_lr_scale(cfg)
   np.testing.assert_allclose(
       [float(scale(jnp.float32(e))) for e in (0, 1.5, 2, 2.5, 3, 7)],
       [1, 1, 0.1, 0.1, 0.05, 0.05], rtol=1e-6)
 
   graphdef, params, extra = nnx.split(_Affine(nnx.Rngs(0)), nnx.Param, ...)
-  tx = train.make_optimizer(cfg)
+  tx = step_lib.make_optimizer(cfg)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           extra=extra, opt_state=tx.init(params))
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef,
-                                   tx=tx, method=_least_squares,
+                           extra=extra, opt_state=tx.init(params),
+                           method_state={})
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef,
+                                   tx=tx,
+                                   method=methods.LossMethod(_least_squares),
                                    lr_scale=scale))
   # Reference: optax's Adam with the learning rate set by hand each step.
   ref_tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
@@ -336,3 +339,37 @@ def test_sweep_scores_the_knees_of_a_dicom_manifest(supervised_run, data_root,
   assert len(table) == built['num_knees'] > 0
   assert set(pd.read_csv(tmp_path / 'scores.csv')['knee_id']) == \
       set(table['knee_id'])
+
+
+def _tree_digest(root: Path) -> dict[str, tuple[bytes, int]]:
+  """Every file under root: its bytes and modification time."""
+  return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+          for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_evaluate_and_sweep_leave_a_read_only_run_unchanged(supervised_run,
+                                                            tmp_path):
+  import shutil
+  import stat
+  from koajax.active import sweep
+  _, workdir = supervised_run
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval',
+                                                              'sweep'))
+  before = _tree_digest(run)
+  modes = {p: p.stat().st_mode for p in [run, *run.rglob('*')]}
+  for p in modes:
+    p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+  try:
+    result = evaluate.evaluate(run, split='test', out=tmp_path / 'eval')
+    sweep.sweep(run, split='val', num_samples=2, chunk_size=16, top_k=2,
+                out=tmp_path / 'sweep')
+  finally:
+    for p, mode in modes.items():
+      p.chmod(mode)
+  # Byte-identical, not even touched, and nothing added.
+  assert _tree_digest(run) == before
+  # The copy predicts what the original run reported.
+  assert result['metrics'] == json.loads(
+      (workdir / 'metrics.json').read_text())['metrics']
+  assert (tmp_path / 'sweep' / 'scores.csv').is_file()

@@ -40,18 +40,20 @@ import tqdm
 
 from koajax import config_lib
 from koajax import runtime
+from koajax import tasks
 from koajax import train
 from koajax.active import mc_dropout
 from koajax.active import plots
 from koajax.active import sweep
 from koajax.active import uncertainty
 from koajax.data import sources
-from koajax.data import splits as splits_lib
+from koajax.data import split_recipes
 
 log = logging.getLogger(__name__)
 
 CURVE_CSV = 'curve.csv'
 CURVE_PNG = 'curve.png'
+ACQUISITIONS = ('random', 'entropy', 'least_confidence', 'entropy_mcd', 'bald')
 # acquisition -> (score ranked, MC-dropout passes: None = config's T).
 _SCORE_OF = {'entropy': ('entropy', 1),
              'least_confidence': ('least_confidence', 1),
@@ -118,21 +120,6 @@ def next_sets(sets: RoundSets, scores: np.ndarray | None, *, n_query: int,
                    pool=np.sort(candidates[rest[n_u:]])), np.sort(queried)
 
 
-def candidate_split(index: pd.DataFrame, cfg: ml_collections.ConfigDict
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(candidates, val, test) rows: test is the held-out site (or val when
-  none is), val 1/val_folds of the other sites' subjects; graded knees."""
-  rows = None
-  test = None
-  if cfg.test_site:
-    held_out = splits_lib.held_out_site(index, test_site=cfg.test_site,
-                                        graded_only=True)
-    rows, test = held_out.train, held_out.test
-  fold = splits_lib.subject_kfold(index, n_folds=cfg.val_folds, seed=cfg.seed,
-                                  rows=rows)[0]
-  return fold.train, fold.val, fold.val if test is None else test
-
-
 def round_config(config: ml_collections.ConfigDict
                  ) -> ml_collections.ConfigDict:
   """The training config of one round: CE, or the Pi-model's CE plus
@@ -157,16 +144,20 @@ class Loop:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
     active = config.active
-    if active.acquisition not in config_lib.ACQUISITIONS:
-      raise ValueError(f'unknown acquisition {active.acquisition!r}; choose '
-                       f'one of {", ".join(config_lib.ACQUISITIONS)}')
+    if active.acquisition not in ACQUISITIONS:
+      raise ValueError(f'unknown acquisition {active.acquisition!r} (config '
+                       f'field active.acquisition); choose one of '
+                       f'{", ".join(ACQUISITIONS)}')
     self.config = config
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.cache = runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
-    self.candidates, self.val, self.test = candidate_split(self.cache.index,
-                                                           config.split)
+    self.task = tasks.from_config(config)
+    split = split_recipes.make_splits(
+        self.cache.index, config.split,
+        qualifies=self.task.qualifies(self.cache.index))
+    self.candidates, self.val, self.test = split.labeled, split.val, split.test
     if 0 < active.pool_size < len(self.candidates):
       rng = np.random.default_rng(config.seed)
       self.candidates = np.sort(rng.choice(self.candidates, active.pool_size,
@@ -212,13 +203,14 @@ class Loop:
     `rows` under `state`."""
     active = self.config.active
     _, passes = _SCORE_OF.get(active.acquisition, ('entropy', 1))
+    head = self.task.heads[0].name
     if passes == 1:  # one deterministic pass: ENT and LC
-      probs = trainer.predict(state, rows)
+      probs = trainer.predict(state, rows)[head]
       return {**uncertainty.scores(probs[None]), 'mean_probs': probs}
     predictor = mc_dropout.MCDropoutPredictor(
         trainer.graphdef, trainer.mesh, num_samples=active.mc_samples,
         samples_per_pass=active.samples_per_pass,
-        chunk_size=active.chunk_size)
+        chunk_size=active.chunk_size, head=head, view=self.task.view)
     key = jax.random.fold_in(jax.random.key(self.config.seed + 1), r)
     with tqdm.tqdm(total=len(rows), unit='knee',
                    desc=f'MC dropout x{active.mc_samples}',
@@ -250,7 +242,7 @@ class Loop:
       if remaining > 0 and len(candidates):
         scores = None
         if active.acquisition != 'random':
-          state = trainer.load_checkpoint('best_balanced_accuracy')
+          state = trainer.load_checkpoint('best')
           table = self.score(trainer, state, candidates, r)
           scores = table[_SCORE_OF[active.acquisition][0]]
         nxt, queried = next_sets(

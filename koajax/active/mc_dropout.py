@@ -30,8 +30,8 @@ from koajax.data import pipeline
 
 
 def mc_dropout_probs(model: nnx.Module, pairs: jax.Array, key: jax.Array, *,
-                     num_samples: int,
-                     samples_per_pass: int | None = None) -> jax.Array:
+                     num_samples: int, samples_per_pass: int | None = None,
+                     head: str = 'kl') -> jax.Array:
   """(T, N, C) softmax samples of `model` on float pairs (N, 2, H, W).
 
   Args:
@@ -43,12 +43,13 @@ def mc_dropout_probs(model: nnx.Module, pairs: jax.Array, key: jax.Array, *,
     samples_per_pass: vmap this many samples at once and loop over groups
       (bounds memory at the cost of recomputing the shared layers per group);
       None vmaps all T.
+    head: the head whose probabilities are sampled.
   """
   keys = jax.random.split(key, num_samples)
 
   def one(k):
     logits = model(pairs, train=False, dropout=True,
-                   rngs=nnx.Rngs(dropout=k))
+                   rngs=nnx.Rngs(dropout=k))['logits'][head]
     return jax.nn.softmax(logits.astype(jnp.float32))
 
   if samples_per_pass is None or samples_per_pass >= num_samples:
@@ -57,13 +58,13 @@ def mc_dropout_probs(model: nnx.Module, pairs: jax.Array, key: jax.Array, *,
 
 
 def _predict(params, extra, images, key, *, graphdef, num_samples,
-             samples_per_pass):
+             samples_per_pass, head):
   """One device's share: its knees, its own dropout keys."""
   key = jax.random.fold_in(key, jax.lax.axis_index('data'))
   model = nnx.merge(graphdef, params, extra, copy=True)
   pairs = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
   return mc_dropout_probs(model, pairs, key, num_samples=num_samples,
-                          samples_per_pass=samples_per_pass)
+                          samples_per_pass=samples_per_pass, head=head)
 
 
 class MCDropoutPredictor:
@@ -75,18 +76,20 @@ class MCDropoutPredictor:
   """
 
   def __init__(self, graphdef, mesh: jax.sharding.Mesh, *, num_samples: int,
-               samples_per_pass: int | None = None, chunk_size: int = 64):
+               samples_per_pass: int | None = None, chunk_size: int = 64,
+               head: str = 'kl', view: str = 'siamese'):
     if num_samples < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}')
     self.mesh = mesh
     self.num_samples = num_samples
+    self.view = view
     # Every device gets the same number of knees.
     self.chunk_size = max(mesh.size, chunk_size // mesh.size * mesh.size)
     self._data = jax.NamedSharding(mesh, jax.P('data'))
     local = jax.shard_map(
         functools.partial(_predict, graphdef=graphdef,
                           num_samples=num_samples,
-                          samples_per_pass=samples_per_pass),
+                          samples_per_pass=samples_per_pass, head=head),
         mesh=mesh, in_specs=(jax.P(), jax.P(), jax.P('data'), jax.P()),
         out_specs=jax.P(None, 'data'))
     # Replicated output: every process can read all probabilities.
@@ -95,7 +98,7 @@ class MCDropoutPredictor:
   def chunks(self, cache, indices: np.ndarray) -> Iterator[np.ndarray]:
     """uint8 pair images of `indices`, `chunk_size` knees at a time."""
     yield from (b['image'] for b in pipeline.eval_batches(
-        cache, indices, batch_size=self.chunk_size,
+        cache, indices, view=self.view, batch_size=self.chunk_size,
         sharding=pipeline.Sharding(0, 1)))
 
   def __call__(self, params, extra, images: np.ndarray,

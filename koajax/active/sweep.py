@@ -5,7 +5,8 @@ r"""MC-dropout uncertainty sweep of a trained checkpoint over a pool of knees.
       [--top_k=32] [--out=OUT]
 
 RUN is a `python -m koajax.main` training workdir (its config.json rebuilds
-the model, its checkpoints hold the weights). The pool is a split of the
+the model, its checkpoints hold the weights); it is only read, so a
+read-only copy works and stays byte-identical. The pool is a split of the
 run's own data (--split: unlabeled, labeled, val or test), every knee of
 another koajax cache (--cache), or the knees of a DICOM manifest (--manifest,
 with landmarks.csv beside it; cached next to it on first use).
@@ -43,8 +44,9 @@ def _define_flags() -> None:
   """Flags of the command, defined only when it runs as a program, so that
   importing this module beside another command defines none."""
   flags.DEFINE_string('workdir', None, 'Training workdir.')
-  flags.DEFINE_string('checkpoint', 'best_balanced_accuracy',
-                      'best_balanced_accuracy, best_kappa or latest.')
+  flags.DEFINE_string('checkpoint', 'best',
+                      'best (the first selection metric), best_<metric> or '
+                      'latest.')
   flags.DEFINE_string('split', 'unlabeled',
                       'Pool: unlabeled, labeled, val or test.')
   flags.DEFINE_string('cache', None, 'Pool: every knee of this koajax cache.')
@@ -68,8 +70,10 @@ def _atomic_save(path: Path, **arrays) -> None:
   os.replace(tmp, path)
 
 
-def _pool(trainer, *, split: str, cache_dir, manifest):
+def _pool(config, workdir, *, split: str, cache_dir, manifest):
   """(cache, indices, name) of the pool the flags describe."""
+  from koajax import runtime
+  from koajax import train
   from koajax.data import cache as cache_lib
   from koajax.data import sources
   if cache_dir and manifest:
@@ -78,18 +82,25 @@ def _pool(trainer, *, split: str, cache_dir, manifest):
     cache = cache_lib.open_cache(cache_dir)
     return cache, np.arange(len(cache.index)), Path(cache_dir).name
   if manifest:
-    data = trainer.config.data.copy_and_resolve_references()
+    data = config.data.copy_and_resolve_references()
     data.source, data.manifest, data.cache_dir = 'manifest', str(manifest), ''
     data.landmarks = ''
     cache = sources.resolve_cache(data)
     return cache, np.arange(len(cache.index)), Path(manifest).stem
-  return trainer.cache, trainer.split_indices(split), split
+  splits = train.saved_splits(workdir)
+  if splits is None:
+    raise FileNotFoundError(f'{workdir} has no {train.SPLITS_NPZ}: sweep a '
+                            '--cache or --manifest instead')
+  cache = runtime.process_zero_first(
+      lambda: sources.resolve_cache(config.data), 'koajax-cache')
+  return cache, train.split_indices(splits, split), split
 
 
-def score_pool(predictor, state, cache, indices: np.ndarray, *, key,
+def score_pool(predictor, weights, cache, indices: np.ndarray, *, key,
                parts_dir: Path | None = None, settings: dict | None = None,
                progress=None) -> dict[str, np.ndarray]:
-  """Scores and mean probabilities of the knees at `indices`.
+  """Scores and mean probabilities of the knees at `indices` under
+  `weights` (anything with `params` and `extra`: a train state, a member).
 
   With `parts_dir`, each chunk's results are saved there as they come, next
   to `settings`; a later call with the same settings loads the chunks it
@@ -113,7 +124,7 @@ def score_pool(predictor, state, cache, indices: np.ndarray, *, key,
       with np.load(path) as saved:
         result = dict(saved)
     else:
-      probs = predictor(state.params, state.extra, images,
+      probs = predictor(weights.params, weights.extra, images,
                         jax.random.fold_in(key, c))
       result = {**uncertainty.scores(probs),
                 'mean_probs': probs.mean(axis=0)}
@@ -125,7 +136,7 @@ def score_pool(predictor, state, cache, indices: np.ndarray, *, key,
   return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
-def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
+def sweep(workdir: str | Path, *, checkpoint: str = 'best',
           split: str = 'unlabeled', cache_dir=None, manifest=None,
           num_samples: int = 50, samples_per_pass: int | None = None,
           chunk_size: int = 64, top_k: int = 32, rank_by: str = 'bald',
@@ -137,29 +148,32 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
   runtime.configure_host(config)
   import jax
   import tqdm
-  from koajax import train
+  from koajax import tasks
   from koajax.active import mc_dropout
   from koajax.data import pipeline
+  from koajax.train import predictor as predictor_lib
 
-  trainer = train.Trainer(config, workdir, splits=train.saved_splits(workdir))
-  state = trainer.load_checkpoint(checkpoint)
-  cache, indices, name = _pool(trainer, split=split, cache_dir=cache_dir,
-                               manifest=manifest)
+  cache, indices, name = _pool(config, workdir, split=split,
+                               cache_dir=cache_dir, manifest=manifest)
   if not len(indices):
     raise ValueError(f'the pool {name!r} has no knees')
+  task = tasks.from_config(config)
+  loaded = predictor_lib.Predictor.from_runs([workdir], checkpoint=checkpoint)
+  member, mesh = loaded.members[0], loaded.mesh
   out = Path(out) if out else Path(workdir) / 'sweep' / f'{checkpoint}-{name}'
   predictor = mc_dropout.MCDropoutPredictor(
-      trainer.graphdef, trainer.mesh, num_samples=num_samples,
-      samples_per_pass=samples_per_pass, chunk_size=chunk_size)
+      member.graphdef, mesh, num_samples=num_samples,
+      samples_per_pass=samples_per_pass, chunk_size=chunk_size,
+      head=task.heads[0].name, view=task.view)
   settings = {
-      'checkpoint': checkpoint, 'step': int(state.step), 'pool': name,
+      'checkpoint': checkpoint, 'step': member.step, 'pool': name,
       'samples': num_samples, 'chunk_size': predictor.chunk_size,
       'seed': seed, 'knees': hashlib.sha1(
           np.asarray(indices, np.int64).tobytes()).hexdigest()}
-  with jax.set_mesh(trainer.mesh), tqdm.tqdm(
+  with jax.set_mesh(mesh), tqdm.tqdm(
       total=len(indices), unit='knee',
       desc=f'MC dropout x{num_samples}') as bar:
-    result = score_pool(predictor, state, cache, indices,
+    result = score_pool(predictor, member, cache, indices,
                         key=jax.random.key(seed), parts_dir=out / 'parts',
                         settings=settings, progress=bar)
 
@@ -177,7 +191,7 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best_balanced_accuracy',
   top = uncertainty.most_uncertain(result[rank_by], min(top_k, len(indices)))
   if len(top):
     images = np.concatenate([b['image'] for b in pipeline.eval_batches(
-        cache, indices[top], batch_size=len(top),
+        cache, indices[top], view=task.view, batch_size=len(top),
         sharding=pipeline.Sharding(0, 1))])
     plots.uncertain_grid(out / TOP_PNG, images, [
         f'{table.knee_id.iloc[i]}\n{rank_by} {result[rank_by][i]:.3f}'

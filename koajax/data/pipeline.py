@@ -11,6 +11,8 @@ Elements are dicts of NumPy arrays, batched along axis 0:
   keypoints  float32 (16, 2) (x, y) view pixels, 'keypoints' view only
   kl         int32 KL grade (-1 = ungraded)
   grades     int32 (7,) in schema.GRADES order (-1 = ungraded)
+  labels     {head: int32} the task's labels (`koajax.tasks`; -1 = masked),
+             with a task only
   index      int32 record index in the cache
 
 `batch_size` is global: with P processes each receives batch_size / P
@@ -40,6 +42,7 @@ import grain
 import numpy as np
 
 from koajax.data import cache as cache_lib
+from koajax.data import schema
 from koajax.data import views
 
 
@@ -63,16 +66,20 @@ class _Subset:
 class DecodeView(grain.transforms.Map):
   """Record bytes -> a dict of arrays in one method view (see module doc)."""
 
-  def __init__(self, view: str, roi_mm: float):
+  def __init__(self, view: str, roi_mm: float, task: Any = None):
     self._view_name = view
     self._view = views.get_view(view)
     self._roi_mm = float(roi_mm)
+    self._task = task
 
-  def map(self, element: bytes) -> dict[str, np.ndarray]:
+  def map(self, element: bytes) -> dict[str, Any]:
     knee = cache_lib.decode(element)
     grades = knee['grades'].astype(np.int32)
-    return {**self._view(knee, self._roi_mm), 'kl': grades[0],
-            'grades': grades, 'index': np.int32(knee['index'])}
+    out = {**self._view(knee, self._roi_mm), 'kl': grades[0],
+           'grades': grades, 'index': np.int32(knee['index'])}
+    if self._task is not None:
+      out['labels'] = self._task.labels(dict(zip(schema.GRADES, grades)))
+    return out
 
   def __repr__(self) -> str:
     return f'DecodeView({self._view_name!r})'
@@ -137,7 +144,8 @@ def steps_per_epoch(num_knees: int, batch_size: int) -> int:
 
 def knee_dataset(cache: cache_lib.Cache,
                  indices: Sequence[int] | np.ndarray, *, view: str,
-                 batch_size: int, seed: int, shuffle: bool = True,
+                 batch_size: int, seed: int, task: Any = None,
+                 shuffle: bool = True,
                  num_epochs: int | None = 1,
                  sharding: Sharding | None = None) -> grain.MapDataset:
   """The batched MapDataset of this process's share of `indices`.
@@ -147,6 +155,7 @@ def knee_dataset(cache: cache_lib.Cache,
     indices: record indices of the split (e.g. `Split.train`).
     view: one of `views.VIEWS`.
     batch_size: global batch size, divisible by the process count.
+    task: a `koajax.tasks.Task` whose labels the elements carry (optional).
     seed: shuffle seed; epoch e is shuffled with seed + e (Grain's rule).
     shuffle: False keeps `indices` order (evaluation).
     num_epochs: epochs to run, None for an endless stream.
@@ -169,7 +178,7 @@ def knee_dataset(cache: cache_lib.Cache,
   # every epoch: each one is whole batches, and processes get disjoint shares.
   ds = _BatchShard(ds[:usable], batch_size=batch_size, sharding=sharding)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(DecodeView(view, cache.meta['roi_mm']))
+  ds = ds.map(DecodeView(view, cache.meta['roi_mm'], task))
   return ds.batch(local_batch, drop_remainder=True)
 
 

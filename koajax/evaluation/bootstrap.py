@@ -12,14 +12,21 @@ Metric functions that also have a `resampled(y_true, probs, counts)` method
 (`metrics.MetricSet`, e.g. `metrics.kl_metrics`) evaluate blocks of resamples
 in one vectorised call; any other `metric_fn(y_true, probs) -> dict` works too,
 one call per resample.
+
+`joint_mean_ci` is the interval of a metric averaged over several heads of one
+model (KL and the OARSI grades): knees are resampled jointly, so each resample
+scores every head on the same knees and the interval reflects how the heads'
+errors move together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from koajax.evaluation import metrics as metrics_lib
 
 # Resamples per vectorised call are capped so that the (block, n) float64
 # weight matrix and its sorted copy stay around 32 MB each.
@@ -125,3 +132,75 @@ def stratified_ci(metric_fn: Callable[[np.ndarray, np.ndarray], Mapping],
   values = _resampled_values(metric_fn, y, probs, indices, point)
   return {name: Interval(point[name], *percentile_interval(values[name], level))
           for name in point}
+
+
+def joint_mean_ci(heads: Sequence[tuple[metrics_lib.MetricSet, np.ndarray,
+                                        np.ndarray]],
+                  strata, *, n_resamples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, Interval]:
+  """Intervals of metrics averaged over heads scored on the same knees.
+
+  Each block of resamples is one (R, n) counts matrix over all knees; every
+  head is scored on its graded columns of that same matrix, and the
+  per-resample mean over heads gives the interval. A metric undefined (NaN)
+  for one head in a resample is undefined for that resample's mean, and the
+  percentile interval ignores such resamples.
+
+  Args:
+    heads: per head (metric set, labels (n,), probs (n, C_head)), rows
+      aligned across heads. Labels of metrics.MASKED (-1) mark knees the head
+      does not grade: they are resampled with the others but not scored.
+    strata: (n,) labels of the strata, e.g. the primary head's labels (masked
+      knees then form a stratum of their own). Strata of all heads' grades at
+      once would be mostly single knees, which a bootstrap never varies.
+    n_resamples: number of bootstrap resamples.
+    seed: seed of the resampling.
+    level: confidence level of the two-sided percentile interval.
+
+  Returns:
+    Metric name -> Interval(mean over heads of their scikit-learn estimates
+    on all their graded knees, low, high), for the scalar metrics every head
+    has; NaN throughout if a head grades no knee.
+  """
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level must lie in (0, 1); got {level}')
+  if n_resamples < 1:
+    raise ValueError(f'n_resamples must be positive; got {n_resamples}')
+  if not heads:
+    raise ValueError('no heads to average')
+  strata = np.asarray(strata)
+  tasks, names = [], None
+  for metric_set, y, probs in heads:
+    y, probs = np.asarray(y), np.asarray(probs, np.float64)
+    if y.shape != strata.shape:
+      raise ValueError(f'labels {y.shape} and strata {strata.shape} must '
+                       'describe the same knees')
+    graded = metrics_lib.graded_rows(y, probs)
+    tasks.append((metric_set, graded, y[graded], probs[graded]))
+    head_names = metrics_lib.metric_names(probs.shape[1],
+                                          metric_set.positive_from)
+    names = [n for n in (names or head_names) if n in head_names]
+  point = [_scalars(metric_set(y, probs)) if y.size else {}
+           for metric_set, _, y, probs in tasks]
+  estimate = {name: float(np.mean([values.get(name, np.nan)
+                                   for values in point]))
+              for name in names}
+  indices = stratified_resample_indices(strata, n_resamples=n_resamples,
+                                        seed=seed)
+  n = strata.shape[0]
+  block = max(1, _BLOCK_ELEMENTS // n)
+  parts = []
+  for start in range(0, n_resamples, block):
+    counts = indices_to_counts(indices[start:start + block], n)
+    total = dict.fromkeys(names, 0.0)
+    for metric_set, graded, y, probs in tasks:
+      if not y.size:
+        total = dict.fromkeys(names, np.nan)
+        break
+      values = metric_set.resampled(y, probs, counts[:, graded])
+      total = {name: total[name] + values[name] for name in names}
+    parts.append({name: np.broadcast_to(total[name], counts.shape[:1])
+                  for name in names})
+  return {name: Interval(estimate[name], *percentile_interval(
+      np.concatenate([part[name] for part in parts]) / len(tasks), level))
+          for name in names}

@@ -2,15 +2,17 @@
 
   python -m koajax.evaluation.compare --a=RUN_A/predictions.csv \\
       --b=RUN_B/predictions.csv [--subjects=SUBJECTS.csv] \\
-      [--metric=balanced_accuracy] [--n_chunks=20] [--seed=0] \\
-      [--out=RESULT.json]
+      [--head=HEAD] [--metric=balanced_accuracy] [--n_chunks=20] \\
+      [--seed=0] [--out=RESULT.json]
 
-Rows are matched by knee_id; both files must cover the same knees with the
-same true grades. The subject of each knee (which keeps a subject's knees in
-one chunk) comes from, in order: --subjects (a CSV with knee_id and subject_id
-columns), a subject_id column of file A, or the knee id itself
-('<subject>_v<visit:02d>_<side>', see `koajax.data.schema.knee_id`). The
-result is printed as JSON and, with --out, written there.
+--head picks the head of multi-head predictions files (default: the only or
+first head). Rows are matched by knee_id; both files must cover the same knees
+with the same true grades of that head, and knees the head does not grade
+(grade -1) are left out of the test. The subject of each knee (which keeps a
+subject's knees in one chunk) comes from, in order: --subjects (a CSV with
+knee_id and subject_id columns), a subject_id column of file A, or the knee id
+itself ('<subject>_v<visit:02d>_<side>', see `koajax.data.schema.knee_id`).
+The result is printed as JSON and, with --out, written there.
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ def _subjects(frame_a: pd.DataFrame,
   return np.array([subject_from_knee_id(k) for k in knee_ids])
 
 
-def _aligned(path_a, path_b):
+def _aligned(path_a, path_b, head: str | None = None):
   """(frame_a, y, probs_a, probs_b) with B's rows reordered to match A's."""
-  frame_a, y_a, probs_a = report_lib.read_predictions(path_a)
-  frame_b, y_b, probs_b = report_lib.read_predictions(path_b)
+  frame_a, y_a, probs_a = report_lib.read_predictions(path_a, head)
+  frame_b, y_b, probs_b = report_lib.read_predictions(path_b, head)
   for path, frame in ((path_a, frame_a), (path_b, frame_b)):
     if frame['knee_id'].duplicated().any():
       raise ValueError(f'{path}: knee_id values repeat')
@@ -79,12 +81,20 @@ def _aligned(path_a, path_b):
 
 def compare_predictions(path_a: str | Path, path_b: str | Path, *,
                         subjects_csv: str | Path | None = None,
+                        head: str | None = None,
                         metric: str = 'balanced_accuracy', n_chunks: int = 20,
                         seed: int = 0,
                         positive_from: int = metrics_lib.KL_OA_FROM) -> dict:
-  """Chunked one-sided Wilcoxon test "A better than B" as a JSON-ready dict."""
-  frame_a, y, probs_a, probs_b = _aligned(path_a, path_b)
+  """Chunked one-sided Wilcoxon test "A better than B" as a JSON-ready dict.
+
+  `head` selects the head of multi-head files (None: the only or first one);
+  only the knees that head grades are compared.
+  """
+  frame_a, y, probs_a, probs_b = _aligned(path_a, path_b, head)
   subject_ids = _subjects(frame_a, subjects_csv)
+  graded = metrics_lib.graded_rows(y, probs_a)
+  y, probs_a, probs_b = y[graded], probs_a[graded], probs_b[graded]
+  subject_ids = subject_ids[graded]
   result = significance.chunked_wilcoxon(
       y, probs_a, probs_b, subject_ids, metric=metric, n_chunks=n_chunks,
       seed=seed, positive_from=(positive_from if metric in
@@ -100,6 +110,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--a', required=True, help="run A's predictions.csv")
   parser.add_argument('--b', required=True, help="run B's predictions.csv")
   parser.add_argument('--subjects', help='CSV with knee_id, subject_id')
+  parser.add_argument('--head', help='head of multi-head predictions files '
+                      '(default: the only or first head)')
   parser.add_argument('--metric', default='balanced_accuracy')
   parser.add_argument('--n_chunks', type=int, default=20)
   parser.add_argument('--seed', type=int, default=0)
@@ -109,8 +121,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--out', help='also write the JSON result here')
   args = parser.parse_args(argv)
   result = compare_predictions(
-      args.a, args.b, subjects_csv=args.subjects, metric=args.metric,
-      n_chunks=args.n_chunks, seed=args.seed, positive_from=args.positive_from)
+      args.a, args.b, subjects_csv=args.subjects, head=args.head,
+      metric=args.metric, n_chunks=args.n_chunks, seed=args.seed,
+      positive_from=args.positive_from)
   text = json.dumps(report_lib.json_ready(result), indent=2, allow_nan=False)
   print(text)
   if args.out:

@@ -2,11 +2,14 @@
 
 Figures are built with `matplotlib.figure.Figure` and its Agg canvas rather
 than pyplot, so nothing depends on (or changes) the global backend and no
-figure outlives its function.
+figure outlives its function. Each file is written under a temporary name and
+then renamed, so a crash never leaves a truncated PNG behind.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +23,14 @@ _DPI = 130
 def _save(fig: Figure, path: str | Path) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=_DPI)
+  # Same folder, so os.replace is an atomic rename; the format is passed
+  # because the temporary name's suffix is not the image type.
+  partial = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
+  try:
+    fig.savefig(partial, dpi=_DPI, format=path.suffix.lstrip('.') or 'png')
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)
   return path
 
 

@@ -1,13 +1,14 @@
-"""Training methods: how a batch becomes a loss.
+"""Semixup and its baselines: SL, mixup, Pi-model, ICT, MixMatch, Semixup.
 
-A method is a pure function
+Each is a pure loss function
 
-    method(forward, batch, key, *, epoch) -> (loss, aux)
+    fn(forward, batch, key, *, epoch, head, ...) -> (loss, aux)
 
-where `forward(images, key)` runs the model in training mode (dropout on, keyed
-by `key`) on float Siamese pairs (N, 2, H, W), `batch` holds uint8 images
+on one classification head of the task (`head`, the task's first): `forward(
+images, key)` runs the model in training mode (dropout on, keyed by `key`)
+on float Siamese pairs (N, 2, H, W), `batch` holds uint8 images and labels
 ('labeled', and 'unlabeled' for the semi-supervised methods), and `epoch` is
-the (fractional) epoch for ramp-ups. Augmentation happens here, on the
+the (fractional) epoch for ramp-ups. None keeps state. Augmentation happens here, on the
 device, so it fuses into the jitted step. Each view is its own forward call:
 concatenating the views along the sharded batch axis would move images
 between devices and give each device a larger batch, on which XLA's CPU
@@ -22,19 +23,19 @@ the recipe of views around one of them, and a config picks it by name.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from koajax import losses
+from koajax import methods
 from koajax.data import augment
 
 Array = jax.Array
 Forward = Callable[[Array, Array], Array]
-Method = Callable[..., tuple[Array, dict[str, Array]]]
 
 
 def _augment(key: Array, images: Array) -> Array:
@@ -42,32 +43,38 @@ def _augment(key: Array, images: Array) -> Array:
   return augment.augment_batch(augment.semixup_augment, key, images)
 
 
-def _forward(forward: Forward, key: Array, *views: Array) -> list[Array]:
-  """Logits of several view batches, one forward pass (and dropout key) per
-  view."""
-  return [forward(v, jax.random.fold_in(key, i)) for i, v in enumerate(views)]
+def _forward(forward: Forward, key: Array, head: str,
+             *views: Array) -> list[Array]:
+  """`head`'s logits of several view batches, one forward pass (and dropout
+  key) per view."""
+  return [forward(v, jax.random.fold_in(key, i))['logits'][head]
+          for i, v in enumerate(views)]
+
+
+def _labels(batch: Mapping[str, Any], head: str) -> Array:
+  return batch['labeled']['labels'][head]
 
 
 def supervised(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-               epoch: Array) -> tuple[Array, dict[str, Array]]:
+               epoch: Array, head: str = 'kl') -> tuple[Array, dict[str, Array]]:
   """SL: cross-entropy on augmented labeled knees."""
   del epoch
   k_aug, k_fwd = jax.random.split(key)
   x = _augment(k_aug, batch['labeled']['image'])
-  (logits,) = _forward(forward, k_fwd, x)
-  return losses.cross_entropy(logits=logits, labels=batch['labeled']['kl'])
+  (logits,) = _forward(forward, k_fwd, head, x)
+  return losses.cross_entropy(logits=logits, labels=_labels(batch, head))
 
 
 def mixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-          epoch: Array, alpha: float = 0.75,
+          epoch: Array, head: str = 'kl', alpha: float = 0.75,
           floor: float | None = None) -> tuple[Array, dict[str, Array]]:
   """Mixup on labeled knees: lam CE(mix, y_i) + (1 - lam) CE(mix, y_j)."""
   del epoch
   k_aug, k_lam, k_perm, k_fwd = jax.random.split(key, 4)
-  x, y = _augment(k_aug, batch['labeled']['image']), batch['labeled']['kl']
+  x, y = _augment(k_aug, batch['labeled']['image']), _labels(batch, head)
   lam = losses.sample_mix_lambda(k_lam, alpha=alpha, floor=floor)
   perm = losses.mixing_permutation(k_perm, x.shape[0])
-  (logits,) = _forward(forward, k_fwd, losses.mix(x, x[perm], lam))
+  (logits,) = _forward(forward, k_fwd, head, losses.mix(x, x[perm], lam))
   return losses.mixup(logits_mixed=logits, labels_a=y, labels_b=y[perm],
                       lam=lam)
 
@@ -79,23 +86,23 @@ def _consistency_pool(batch: Mapping[str, Any]) -> Array:
 
 
 def pi_model(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-             epoch: Array, weight: float = 1.0
+             epoch: Array, head: str = 'kl', weight: float = 1.0
              ) -> tuple[Array, dict[str, Array]]:
   """Pi-model: CE + ||f(Tx) - f(T'x)||^2 over labeled U unlabeled knees."""
   del epoch
   k1, k2, k3, k_fwd = jax.random.split(key, 4)
   pool = _consistency_pool(batch)
   logits_l, logits_1, logits_2 = _forward(
-      forward, k_fwd, _augment(k1, batch['labeled']['image']),
+      forward, k_fwd, head, _augment(k1, batch['labeled']['image']),
       _augment(k2, pool), _augment(k3, pool))
   return losses.pi_model(
-      logits_labeled=logits_l, labels=batch['labeled']['kl'],
+      logits_labeled=logits_l, labels=_labels(batch, head),
       probs_view1=jax.nn.softmax(logits_1), probs_view2=jax.nn.softmax(logits_2),
       weight=weight)
 
 
 def ict(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-        epoch: Array, max_weight: float = 100.0, rampup_epochs: float = 80.0,
+        epoch: Array, head: str = 'kl', max_weight: float = 100.0, rampup_epochs: float = 80.0,
         alpha: float = 0.75) -> tuple[Array, dict[str, Array]]:
   """ICT: CE (no mixup) + w(t) ||f(Mix(u_i, u_j)) - Mix(f(u_i), f(u_j))||^2.
 
@@ -108,12 +115,12 @@ def ict(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   lam = losses.sample_mix_lambda(k_lam, alpha=alpha)
   perm = losses.mixing_permutation(k_perm, u.shape[0])
   logits_l, logits_u, logits_mix = _forward(
-      forward, k_fwd, _augment(k_l, batch['labeled']['image']), u,
+      forward, k_fwd, head, _augment(k_l, batch['labeled']['image']), u,
       losses.mix(u, u[perm], lam))
   probs_u = jax.nn.softmax(logits_u)
   weight = max_weight * losses.sigmoid_rampup(epoch, rampup_epochs)
   loss, aux = losses.ict(
-      logits_labeled=logits_l, labels=batch['labeled']['kl'],
+      logits_labeled=logits_l, labels=_labels(batch, head),
       probs_mixed=jax.nn.softmax(logits_mix),
       probs_target_mixed=losses.mix(probs_u, probs_u[perm], lam),
       weight=weight)
@@ -121,7 +128,7 @@ def ict(forward: Forward, batch: Mapping[str, Any], key: Array, *,
 
 
 def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-             epoch: Array, num_augmentations: int = 2,
+             epoch: Array, head: str = 'kl', num_augmentations: int = 2,
              temperature: float = 0.5, alpha: float = 0.75,
              weight_u: float = 10.0, num_classes: int = 5
              ) -> tuple[Array, dict[str, Array]]:
@@ -134,14 +141,14 @@ def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
                        jax.random.split(k_u, num_augmentations)])
   n_u = u_images.shape[0]
   # The guess is made with dropout as in training; it carries no gradient.
-  guess_logits = _forward(forward, k_guess,
+  guess_logits = _forward(forward, k_guess, head,
                           u_views.reshape(-1, *u_images.shape[1:]))[0]
   guess = losses.mixmatch_guess(
       jax.nn.softmax(guess_logits).reshape(num_augmentations, n_u, -1),
       temperature)
   inputs = jnp.concatenate([x, u_views.reshape(-1, *u_images.shape[1:])])
   targets = jnp.concatenate([
-      jax.nn.one_hot(batch['labeled']['kl'], num_classes),
+      jax.nn.one_hot(_labels(batch, head), num_classes),
       jnp.tile(guess, (num_augmentations, 1))])
   # One coefficient per sample, folded >= 0.5 so each mix stays closer to
   # its own (labeled or unlabeled) sample.
@@ -150,7 +157,7 @@ def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   mixed = losses.mix(inputs, inputs[perm], lam)
   mixed_targets = losses.mix(targets, targets[perm], lam)
   n_l = x.shape[0]
-  (logits,) = _forward(forward, k_fwd, mixed)
+  (logits,) = _forward(forward, k_fwd, head, mixed)
   return losses.mixmatch(
       logits_labeled_mixed=logits[:n_l],
       targets_labeled_mixed=mixed_targets[:n_l],
@@ -159,7 +166,8 @@ def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
 
 
 def semixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
-            epoch: Array, terms: losses.SemixupTerms = losses.SemixupTerms(),
+            epoch: Array, head: str = 'kl',
+            terms: losses.SemixupTerms = losses.SemixupTerms(),
             alpha: float = 0.75, floor_unlabeled: float | None = None,
             floor_labeled: float | None = None,
             interpolate: str = 'probs', stop_gradient: bool = True
@@ -177,13 +185,13 @@ def semixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   t1, t2 = _augment(k1, pool), _augment(k2, pool)
   lam = losses.sample_mix_lambda(k_lam, alpha=alpha, floor=floor_unlabeled)
   perm = losses.mixing_permutation(k_perm, pool.shape[0])
-  x_l, y = _augment(k_l, batch['labeled']['image']), batch['labeled']['kl']
+  x_l, y = _augment(k_l, batch['labeled']['image']), _labels(batch, head)
   lam_l = losses.sample_mix_lambda(k_lam_l, alpha=alpha, floor=floor_labeled)
   perm_l = losses.mixing_permutation(k_perm_l, x_l.shape[0])
   if terms.mixup_labeled:
     x_l = losses.mix(x_l, x_l[perm_l], lam_l)
   logits_l, logits_1, logits_2, logits_mix = _forward(
-      forward, k_fwd, x_l, t1, t2, losses.mix(t1, t1[perm], lam))
+      forward, k_fwd, head, x_l, t1, t2, losses.mix(t1, t1[perm], lam))
   return losses.semixup(
       logits_labeled=logits_l, labels=y, labels_partner=y[perm_l],
       lam_labeled=lam_l, logits_aug1=logits_1, logits_aug2=logits_2,
@@ -191,24 +199,33 @@ def semixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
       terms=terms, interpolate=interpolate, stop_gradient=stop_gradient)
 
 
-METHODS: dict[str, Method] = {
-    'supervised': supervised,
-    'mixup': mixup,
-    'pi_model': pi_model,
-    'ict': ict,
-    'mixmatch': mixmatch,
-    'semixup': semixup,
+def _family(fn: Callable[..., Any], *,
+            streams: tuple[str, ...] = ('labeled', 'unlabeled')
+            ) -> methods.Spec:
+  """A Spec for one of the functions above, on the task's first head."""
+  params = inspect.signature(fn).parameters
+  task_given = {'epoch', 'head', 'num_classes'}
+
+  def create(task, **options):
+    head = task.heads[0]
+    bound = {'head': head.name}
+    if 'num_classes' in params:
+      bound['num_classes'] = head.num_classes
+    if 'terms' in options:
+      options['terms'] = losses.SemixupTerms(**dict(options['terms']))
+    return methods.LossMethod(functools.partial(fn, **bound, **options),
+                              streams=streams)
+
+  return methods.Spec(create, {
+      name: p.default for name, p in params.items()
+      if p.kind is p.KEYWORD_ONLY and name not in task_given})
+
+
+METHODS = {
+    'supervised': _family(supervised, streams=('labeled',)),
+    'mixup': _family(mixup, streams=('labeled',)),
+    'pi_model': _family(pi_model),
+    'ict': _family(ict),
+    'mixmatch': _family(mixmatch),
+    'semixup': _family(semixup),
 }
-SEMI_SUPERVISED = frozenset({'pi_model', 'ict', 'mixmatch', 'semixup'})
-
-
-def from_config(config: ml_collections.ConfigDict) -> Method:
-  """The method `config.method` names, with `config.method_kwargs` bound."""
-  if config.method not in METHODS:
-    raise ValueError(f'unknown method {config.method!r}; '
-                     f'choose one of {", ".join(METHODS)}')
-  kwargs = dict(config.get('method_kwargs', {}))
-  if config.method == 'semixup':
-    terms = kwargs.pop('terms', {})
-    kwargs['terms'] = losses.SemixupTerms(**dict(terms))
-  return functools.partial(METHODS[config.method], **kwargs)

@@ -1,18 +1,46 @@
-"""Flax NNX models of the koajax methods."""
+"""Flax NNX models of the koajax methods, found by name.
+
+Every module of this package that defines `MODELS = {name: class}` offers
+its models to configs (`config.model.name`), so adding an architecture is
+adding a module. A model is built with the other fields of `config.model`
+and `heads` ({head: classes}, from the task), and returns
+
+  {'logits': {head: (B, classes)}, 'features': {name: array}}
+
+where the features are what later stages need (feature maps for Grad-CAM,
+pooled vectors, stage outputs).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+import functools
+import importlib
+import pkgutil
 
 import ml_collections
 from flax import nnx
 
-from koajax.models import siamese
+
+@functools.cache
+def registry() -> dict[str, type]:
+  """Every model name of the package's modules -> its class."""
+  found = {}
+  for info in pkgutil.iter_modules(__path__):
+    module = importlib.import_module(f'{__name__}.{info.name}')
+    for name, cls in getattr(module, 'MODELS', {}).items():
+      if name in found:
+        raise ValueError(f'model {name!r} is defined twice')
+      found[name] = cls
+  return found
 
 
-def create(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+def create(cfg: ml_collections.ConfigDict, *, heads: Mapping[str, int],
+           rngs: nnx.Rngs) -> nnx.Module:
   """The model `cfg.name` names, built with the other fields of `cfg`."""
+  models = registry()
+  if cfg.name not in models:
+    raise ValueError(f'unknown model {cfg.name!r} (config field model.name); '
+                     f'choose one of {", ".join(sorted(models))}')
   kwargs = {k: v for k, v in cfg.items() if k != 'name'}
-  if cfg.name == 'semixup_net':
-    return siamese.SemixupNet(**kwargs, rngs=rngs)
-  if cfg.name == 'kneenet':
-    return siamese.KneeNet(**kwargs, rngs=rngs)
-  raise ValueError(f"unknown model {cfg.name!r}; use 'semixup_net' or 'kneenet'")
+  return models[cfg.name](**kwargs, heads=dict(heads), rngs=rngs)

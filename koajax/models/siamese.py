@@ -1,8 +1,15 @@
 """Siamese networks over a (lateral, mirrored medial) pair of knee patches.
 
 Both patches go through one shared branch; the two feature vectors are
-concatenated and classified. Input: (B, 2, H, W) float, the two patches of a
-knee as made by `koajax.data.views.siamese_pair` and normalised to [-1, 1].
+concatenated and classified by one linear layer per head of the task. Input:
+(B, 2, H, W) float, the two patches of a knee as made by
+`koajax.data.views.siamese_pair` and normalised to [-1, 1]. Output, as every
+koajax model returns it:
+
+  {'logits': {head: (B, classes)},
+   'features': {'maps': (B, 2, h, w, C) the branch's last feature maps of
+                         both patches (Grad-CAM),
+                'pooled': (B, 2F) the concatenated branch vectors}}
 
 Two backbones:
   * `SemixupNet`: the Semixup paper's network ("ours", Suppl. Table S2): VGG-like
@@ -19,6 +26,7 @@ is MC dropout: sampled masks, norms in inference mode.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -29,6 +37,7 @@ from koajax.models import dropout as dropout_lib
 
 Pooling = Literal['gap', 'sam_vh', 'sam_hv']
 _NORMAL_002 = jax.nn.initializers.normal(0.02)
+KL_HEAD = {'kl': 5}
 
 
 class ConvBlock(nnx.Module):
@@ -90,7 +99,7 @@ class SemixupNet(nnx.Module):
   """The Semixup Siamese network (widths 32-64-128-256, 128 px patches)."""
 
   def __init__(self, *, pooling: Pooling = 'sam_hv', width: int = 32,
-               dropout: float = 0.35, num_classes: int = 5,
+               dropout: float = 0.35, heads: Mapping[str, int] = KL_HEAD,
                norm: str = 'instance', dtype: str = 'float32',
                rngs: nnx.Rngs):
     # dtype='bfloat16' runs the convolutions and norms in bf16 on
@@ -114,25 +123,25 @@ class SemixupNet(nnx.Module):
                                    dtype=self.dtype, rngs=rngs)
     self.dropout = dropout_lib.Dropout(dropout)
     # The reference head is a 1x1 convolution without bias on the pooled map.
-    self.head = nnx.Linear(16 * w, num_classes, use_bias=False,
-                           kernel_init=_NORMAL_002, rngs=rngs)
+    self.heads = _heads(heads, 16 * w, use_bias=False,
+                        kernel_init=_NORMAL_002, rngs=rngs)
 
   def features(self, patches: jax.Array, *, train: bool, dropout: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
-    """(N, H, W, 1) patches -> (N, 8w) features."""
+               rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+    """(N, H, W, 1) patches -> ((N, h, w, 8w) maps, (N, 8w) features)."""
     x = patches.astype(self.dtype)
     for i, block in enumerate(self.blocks):
       x = block(x, train=train)
       if i in self.group_ends:
         x = self.dropout(x, deterministic=not dropout, rngs=rngs)
     if self.pool is None:
-      return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
-    return self.pool(x, train=train).astype(jnp.float32)
+      return x, jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    return x, self.pool(x, train=train).astype(jnp.float32)
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
                dropout: bool | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    return _siamese_logits(self, pairs, train=train,
+               rngs: nnx.Rngs | None = None) -> dict[str, dict[str, jax.Array]]:
+    return _siamese_outputs(self, pairs, train=train,
                            dropout=train if dropout is None else dropout,
                            rngs=rngs)
 
@@ -141,7 +150,7 @@ class KneeNet(nnx.Module):
   """Tiulpin et al. 2018 Siamese baseline (DeepKnee), width 64."""
 
   def __init__(self, *, width: int = 64, dropout: float = 0.2,
-               num_classes: int = 5, rngs: nnx.Rngs):
+               heads: Mapping[str, int] = KL_HEAD, rngs: nnx.Rngs):
     w = width
     kaiming = jax.nn.initializers.he_uniform()
     block = lambda i, o, s: ConvBlock(i, o, stride=s, padding=0, norm='batch',
@@ -152,10 +161,10 @@ class KneeNet(nnx.Module):
                             block(2 * w, 4 * w, 1)])
     self.pool_after = (2, 4)  # 2x2 max-pooling after these blocks
     self.dropout = dropout_lib.Dropout(dropout)
-    self.head = nnx.Linear(8 * w, num_classes, kernel_init=kaiming, rngs=rngs)
+    self.heads = _heads(heads, 8 * w, kernel_init=kaiming, rngs=rngs)
 
   def features(self, patches: jax.Array, *, train: bool, dropout: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
+               rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
     del dropout, rngs  # the branch has no dropout
     x = patches
     for i, block in enumerate(self.blocks):
@@ -163,25 +172,40 @@ class KneeNet(nnx.Module):
       if i in self.pool_after:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     # Average pooling over the remaining (10 x 10 for 128 px) map.
-    return jnp.mean(x, axis=(1, 2))
+    return x, jnp.mean(x, axis=(1, 2))
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
                dropout: bool | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    return _siamese_logits(self, pairs, train=train,
+               rngs: nnx.Rngs | None = None) -> dict[str, dict[str, jax.Array]]:
+    return _siamese_outputs(self, pairs, train=train,
                            dropout=train if dropout is None else dropout,
                            rngs=rngs)
 
 
-def _siamese_logits(model, pairs: jax.Array, *, train: bool, dropout: bool,
-                    rngs: nnx.Rngs | None) -> jax.Array:
+def _heads(heads: Mapping[str, int], features: int, **linear) -> nnx.Dict:
+  """One linear classifier per head, created in the task's head order (so a
+  single-head network initialises exactly as before heads existed)."""
+  if not heads:
+    raise ValueError('a model needs at least one head')
+  return nnx.Dict({name: nnx.Linear(features, classes, **linear)
+                   for name, classes in heads.items()})
+
+
+def _siamese_outputs(model, pairs: jax.Array, *, train: bool, dropout: bool,
+                     rngs: nnx.Rngs | None) -> dict[str, dict[str, jax.Array]]:
   """Runs the shared branch once over both patches of every knee."""
   if pairs.ndim != 4 or pairs.shape[1] != 2:
     raise ValueError(f'expected (batch, 2, H, W) patch pairs, got {pairs.shape}')
   b, _, h, w = pairs.shape
   # One pass over 2B patches is cheaper than two passes over B.
-  feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train,
-                         dropout=dropout, rngs=rngs)
+  maps, feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train,
+                               dropout=dropout, rngs=rngs)
   feats = feats.reshape(b, 2 * feats.shape[-1])  # [lateral | medial]
+  pooled = feats
   feats = model.dropout(feats, deterministic=not dropout, rngs=rngs)
-  return model.head(feats)
+  return {'logits': {name: head(feats) for name, head in model.heads.items()},
+          'features': {'maps': maps.reshape(b, 2, *maps.shape[1:]),
+                       'pooled': pooled}}
+
+
+MODELS = {'semixup_net': SemixupNet, 'kneenet': KneeNet}

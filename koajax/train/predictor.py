@@ -1,0 +1,175 @@
+"""Prediction apart from training: finished runs, read-only, every head.
+
+    predictor = Predictor.from_runs(['RUN_A', 'RUN_B'], checkpoint='best')
+    probs = predictor.predict(cache, rows)        # {head: (n, classes)}
+
+A predictor holds one or several members (a run's weights) of one task. Each
+member's forward pass is jitted over a data-parallel mesh; with test-time
+augmentation (`tta='five_crop'`) every knee is also seen as its four corner
+crops and its centre crop of `tta_crop` px, and the member's output is the
+mean over the five. An ensemble averages its members' probabilities (the
+default) or their logits (`ensemble='logits'`, then one softmax).
+
+`from_runs` reads a run's config.json and checkpoint and writes nothing, so
+it works on a read-only copy of a run and leaves the run byte-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from koajax import config_lib
+from koajax import tasks as tasks_lib
+from koajax.data import pipeline
+from koajax.train import checkpoints as checkpoints_lib
+from koajax.train import step as step_lib
+
+TTA = ('none', 'five_crop')
+ENSEMBLE = ('probs', 'logits')
+DEFAULT_SELECTION = ('balanced_accuracy', 'kappa')
+
+
+def five_crop(images: jax.Array, size: int) -> list[jax.Array]:
+  """The four corner crops and the centre crop of `size` px of the last two
+  axes (top-left, top-right, bottom-left, bottom-right, centre)."""
+  h, w = images.shape[-2:]
+  if not 0 < size < min(h, w):
+    raise ValueError(f'five_crop needs 0 < tta_crop < {min(h, w)} (the '
+                     f'view is {h}x{w} px), got {size}')
+  tops = (0, 0, h - size, h - size, (h - size) // 2)
+  lefts = (0, w - size, 0, w - size, (w - size) // 2)
+  return [images[..., t:t + size, l:l + size] for t, l in zip(tops, lefts)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One set of weights: a run's model and its state."""
+  graphdef: Any
+  params: Any
+  extra: Any
+  name: str = ''
+  step: int = -1  # the training step the weights are from
+
+
+def _member_outputs(params, extra, images, *, graphdef, tta: str,
+                    tta_crop: int, ensemble: str) -> dict[str, jax.Array]:
+  """{head: mean probabilities (or logits) over the TTA views}."""
+  model = nnx.merge(graphdef, params, extra, copy=True)
+  x = step_lib.normalise(images)
+  views = five_crop(x, tta_crop) if tta == 'five_crop' else [x]
+  outs = [model(v, train=False)['logits'] for v in views]
+  combine = ((lambda z: z.astype(jnp.float32)) if ensemble == 'logits'
+             else jax.nn.softmax)
+  return {head: jnp.mean(jnp.stack([combine(o[head]) for o in outs]), axis=0)
+          for head in outs[0]}
+
+
+class Predictor:
+  """Probabilities of every head of a task, from one model or an ensemble."""
+
+  def __init__(self, members: Sequence[Member], task: tasks_lib.Task,
+               mesh: jax.sharding.Mesh, *, batch_size: int = 64,
+               tta: str = 'none', tta_crop: int = 0,
+               ensemble: str = 'probs'):
+    if not members:
+      raise ValueError('a predictor needs at least one run')
+    if tta not in TTA:
+      raise ValueError(f'unknown predict.tta {tta!r}; choose one of '
+                       f'{", ".join(TTA)}')
+    if ensemble not in ENSEMBLE:
+      raise ValueError(f'unknown predict.ensemble {ensemble!r}; choose one '
+                       f'of {", ".join(ENSEMBLE)}')
+    self.members = list(members)
+    self.task = task
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self.ensemble = ensemble
+    self._data = jax.NamedSharding(mesh, jax.P('data'))
+    # Replicated output: every process can read all probabilities.
+    replicated = jax.NamedSharding(mesh, jax.P())
+    self._fns = [jax.jit(functools.partial(
+        _member_outputs, graphdef=m.graphdef, tta=tta, tta_crop=tta_crop,
+        ensemble=ensemble), out_shardings=replicated) for m in self.members]
+
+  @classmethod
+  def from_runs(cls, workdirs: Sequence[str | Path], *,
+                checkpoint: str = checkpoints_lib.BEST,
+                mesh: jax.sharding.Mesh | None = None,
+                **options) -> Predictor:
+    """Loads `checkpoint` of each run read-only. `options` override the
+    first run's `predict` config (tta, tta_crop, ensemble) and
+    `batch_size` its eval_batch_size."""
+    from koajax import runtime
+    configs = [config_lib.load_run_config(w) for w in workdirs]
+    task = tasks_lib.from_config(configs[0])
+    for w, c in zip(workdirs, configs):
+      if tasks_lib.from_config(c).head_names != task.head_names:
+        raise ValueError(f'{w} predicts {tasks_lib.from_config(c).head_names},'
+                         f' {workdirs[0]} {task.head_names}: an ensemble '
+                         'needs runs of one task')
+    first = configs[0]
+    settings = {'batch_size': first.eval_batch_size,
+                **dict(first.get('predict', {})), **options}
+    mesh = mesh or runtime.data_mesh(settings['batch_size'])
+    members = [load_member(w, c, checkpoint, mesh)
+               for w, c in zip(workdirs, configs)]
+    return cls(members, task, mesh, **settings)
+
+  def _padded(self) -> int:
+    # Every batch, the last one too, is padded to one shape that splits
+    # evenly over the devices: one compiled program for any number of knees.
+    return -(-self.batch_size // self.mesh.size) * self.mesh.size
+
+  def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{head: (n, classes)} probabilities of n <= batch_size view images."""
+    n = len(images)
+    images = np.concatenate([images, np.repeat(images[-1:], self._padded() - n,
+                                               0)])
+    # Every process holds all images; each device takes its rows.
+    sharded = jax.make_array_from_callback(images.shape, self._data,
+                                           lambda rows: images[rows])
+    outs = [jax.device_get(fn(m.params, m.extra, sharded))
+            for fn, m in zip(self._fns, self.members)]
+    mean = {head: np.mean([o[head] for o in outs], axis=0)[:n]
+            for head in outs[0]}
+    if self.ensemble == 'logits':
+      return {head: np.asarray(jax.nn.softmax(z)) for head, z in mean.items()}
+    return mean
+
+  def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """{head: (len(indices), classes)} probabilities of cache rows, in order."""
+    batches = [self.predict_images(b['image']) for b in pipeline.eval_batches(
+        cache, indices, view=self.task.view, batch_size=self.batch_size,
+        sharding=pipeline.Sharding(0, 1))]
+    return {head: np.concatenate([b[head] for b in batches])
+            for head in self.task.head_names}
+
+
+def load_member(workdir: str | Path, config: ml_collections.ConfigDict,
+                checkpoint: str, mesh: jax.sharding.Mesh) -> Member:
+  """Checkpoint `checkpoint` of the run in `workdir`, read-only."""
+  task = tasks_lib.from_config(config)
+  ckpts = checkpoints_lib.Checkpoints(
+      workdir, config.get('selection', DEFAULT_SELECTION), read_only=True)
+  replicated = jax.NamedSharding(mesh, jax.P())
+  abstract = step_lib.abstract_state(
+      config, task, ckpts.method_state_shapes(checkpoint), replicated)
+  state = ckpts.load(checkpoint, abstract)
+  graphdef = step_lib.abstract_model(config, task)[0]
+  return Member(graphdef, state.params, state.extra, name=str(workdir),
+                step=int(state.step))
+
+
+def state_member(graphdef, state, name: str = '') -> Member:
+  """A member from a state in memory (the trainer's)."""
+  return Member(graphdef, state.params, state.extra, name=name)

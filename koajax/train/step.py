@@ -1,0 +1,159 @@
+"""The train state and the pure, jitted train step.
+
+    state, metrics = train_step(state, batch, key, steps_per_epoch)
+
+is a pure function of plain pytrees, jitted with the state donated; its RNG
+is `fold_in(key, step)`, so a resumed run draws exactly what an
+uninterrupted run would. The method's own state (fitted before training or
+updated after each evaluation) rides in the train state, so it is
+checkpointed with the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from koajax import models
+from koajax import tasks as tasks_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # nnx.State of nnx.Param
+  extra: Any  # nnx.State of everything else (batch-norm statistics)
+  opt_state: Any
+  method_state: Any  # the method's pytree ({} for stateless methods)
+
+
+def model_fn(config: ml_collections.ConfigDict, task: tasks_lib.Task
+             ) -> Callable[[nnx.Rngs], nnx.Module]:
+  return lambda rngs: models.create(config.model, heads=task.num_classes,
+                                    rngs=rngs)
+
+
+def abstract_model(config: ml_collections.ConfigDict,
+                   task: tasks_lib.Task) -> tuple[Any, Any, Any]:
+  """(graphdef, params, extra) as shapes only: nothing is computed."""
+  make = model_fn(config, task)
+  return nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(params=0))),
+                   nnx.Param, ...)
+
+
+def _initializer(config: ml_collections.ConfigDict, task: tasks_lib.Task):
+  """(optimizer, init(key, method_state) -> TrainState)."""
+  tx = make_optimizer(config.optimizer)
+  make = model_fn(config, task)
+
+  def init(key, method_state):
+    _, params, extra = nnx.split(make(nnx.Rngs(params=key)), nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      extra=extra, opt_state=tx.init(params),
+                      method_state=method_state)
+
+  return tx, init
+
+
+def create_state(config: ml_collections.ConfigDict, task: tasks_lib.Task,
+                 key: jax.Array, method_state: Any = None,
+                 sharding: jax.sharding.Sharding | None = None):
+  """(graphdef, optimizer, state); the state is initialised by one jit call."""
+  tx, init = _initializer(config, task)
+  # Eager initialisation would compile every layer's initialiser separately.
+  graphdef = abstract_model(config, task)[0]
+  state = jax.jit(init, out_shardings=sharding)(
+      key, {} if method_state is None else method_state)
+  return graphdef, tx, state
+
+
+def abstract_state(config: ml_collections.ConfigDict, task: tasks_lib.Task,
+                   method_state: Any, sharding: jax.sharding.Sharding):
+  """The TrainState of a run as shapes placed by `sharding`, for restoring
+  a checkpoint into without initialising anything. `method_state` gives the
+  shapes of the method's state."""
+  _, init = _initializer(config, task)
+  shapes = jax.eval_shape(init, jax.random.key(0), method_state)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      shapes)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """Adam(W) with the learning rate scaled at `boundaries` ({step: scale}).
+
+  `boundary_epochs` is applied by the step itself (`epoch_lr_scale`)."""
+  boundaries = {int(k): float(v) for k, v in cfg.get('boundaries', {}).items()}
+  schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+  if cfg.weight_decay:
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                       weight_decay=cfg.weight_decay)
+  return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+
+
+def epoch_lr_scale(cfg: ml_collections.ConfigDict
+                   ) -> Callable[[jax.Array], jax.Array] | None:
+  """epoch -> learning-rate factor of `boundary_epochs` ({epoch: scale}):
+  the product of the scales of every boundary epoch reached (0-based, so
+  {300: 0.1} scales from the first step of epoch 300 on).
+
+  The step multiplies Adam's updates by it (the same as scaling the learning
+  rate, weight decay included). Computed from the traced epoch rather than
+  baked into a schedule in steps, one compiled step serves any epoch length:
+  the rounds of an active-learning run differ only in their labeled set.
+  None without boundaries: the step then scales nothing.
+  """
+  pairs = sorted((float(e), float(s))
+                 for e, s in cfg.get('boundary_epochs', {}).items())
+  if not pairs:
+    return None
+
+  def scale(epoch: jax.Array) -> jax.Array:
+    out = jnp.ones((), jnp.float32)
+    for boundary, factor in pairs:
+      out = jnp.where(epoch >= boundary, out * factor, out)
+    return out
+
+  return scale
+
+
+def normalise(images: jax.Array) -> jax.Array:
+  """uint8 -> [-1, 1], as the augmentation leaves its output."""
+  return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def train_step(state: TrainState, batch, key: jax.Array,
+               steps_per_epoch: jax.Array | int, *, graphdef, tx, method,
+               lr_scale: Callable[[jax.Array], jax.Array] | None = None):
+  """One optimiser step. `steps_per_epoch` is an argument, not a constant,
+  so runs of other lengths reuse the compiled step."""
+  key = jax.random.fold_in(key, state.step)
+  epoch = state.step / steps_per_epoch
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, state.extra, copy=True)
+
+    def forward(images, dropout_key):
+      return model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+
+    loss, aux = method.loss(forward, batch, key, epoch=epoch,
+                            state=state.method_state)
+    return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+  (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = optax.tree.scale(lr_scale(epoch), updates)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
+  return state.replace(step=state.step + 1, params=params, extra=extra,
+                       opt_state=opt_state), metrics
