@@ -9,6 +9,7 @@ from scipy import stats
 from sklearn import metrics as sk_metrics
 
 from koajax.evaluation import bootstrap
+from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics
 
 
@@ -324,8 +325,8 @@ def _heads(n=400, seed=0):
   kl_y, kl_p = _predictions(n, 5, seed=seed, decimals=None)
   ost_y, ost_p = _predictions(n, 4, seed=seed + 1, decimals=None)
   jsn_y, jsn_p = _predictions(n, 4, seed=seed + 2, decimals=None)
-  ost_y[::7] = metrics.MASKED
-  jsn_y[1::5] = metrics.MASKED
+  ost_y[::7] = heads_lib.MASKED
+  jsn_y[1::5] = heads_lib.MASKED
   labels = {'kl': kl_y, 'ost_tl': ost_y, 'jsn_m': jsn_y}
   probs = {'kl': kl_p, 'ost_tl': ost_p, 'jsn_m': jsn_p}
   return labels, probs
@@ -334,8 +335,8 @@ def _heads(n=400, seed=0):
 def test_head_scores_names_and_values_equal_sklearn():
   labels, probs = _heads()
   positive_from = {'kl': 2, 'ost_tl': 1}
-  got = metrics.head_scores(labels, probs, positive_from=positive_from,
-                            mean_heads=['ost_tl', 'jsn_m'])
+  got = heads_lib.head_scores(labels, probs, positive_from=positive_from,
+                              mean_heads=['ost_tl', 'jsn_m'])
   want = {}
   for head in labels:
     graded = labels[head] >= 0
@@ -360,8 +361,8 @@ def test_head_scores_names_and_values_equal_sklearn():
 
 def test_head_scores_without_mean_heads_or_graded_knees():
   labels, probs = _heads(100)
-  labels['jsn_m'][:] = metrics.MASKED
-  got = metrics.head_scores(labels, probs, positive_from={'jsn_m': 1})
+  labels['jsn_m'][:] = heads_lib.MASKED
+  got = heads_lib.head_scores(labels, probs, positive_from={'jsn_m': 1})
   assert not any(name.startswith('mean/') for name in got)
   # Undefined is NaN, never 0.
   for name in metrics.metric_names(4, 1):
@@ -373,15 +374,16 @@ def test_head_scores_without_mean_heads_or_graded_knees():
 def test_head_scores_rejects_bad_heads():
   labels, probs = _heads(50)
   with pytest.raises(ValueError, match='unknown heads'):
-    metrics.head_scores(labels, probs, positive_from={'oops': 1})
+    heads_lib.head_scores(labels, probs, positive_from={'oops': 1})
   with pytest.raises(ValueError, match='unknown heads'):
-    metrics.head_scores(labels, probs, positive_from={}, mean_heads=['oops'])
+    heads_lib.head_scores(labels, probs, positive_from={},
+                          mean_heads=['oops'])
   with pytest.raises(ValueError, match='head name'):
-    metrics.head_scores({'mean': labels['kl']}, {'mean': probs['kl']},
-                        positive_from={})
+    heads_lib.head_scores({'mean': labels['kl']}, {'mean': probs['kl']},
+                          positive_from={})
   bad = dict(labels, kl=labels['kl'] - 2)  # -2 is neither a grade nor masked
   with pytest.raises(ValueError):
-    metrics.head_scores(bad, probs, positive_from={})
+    heads_lib.head_scores(bad, probs, positive_from={})
 
 
 def test_joint_mean_ci_equals_a_loop_over_the_same_resamples():

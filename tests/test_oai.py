@@ -8,6 +8,9 @@ import pytest
 
 from koajax.data import manifest as manifest_lib
 from koajax.data import oai
+from koajax.data import oai_cells
+from koajax.data import oai_issues
+from koajax.data import oai_tables
 from koajax.data import schema
 
 # Two OAI tables in the pipe-delimited ASCII layout. Subject 9000001's right
@@ -61,13 +64,13 @@ def oai_files(tmp_path):
     ('.: Missing Form/Incomplete Workbook', None), ('.A', None),
 ])
 def test_parse_grade(value, expected):
-  assert oai.parse_grade(value) == expected
+  assert oai_cells.parse_grade(value) == expected
 
 
 @pytest.mark.parametrize('value', ['X', '1.5', 'P: ungradable', 'two'])
 def test_parse_grade_rejects(value):
   with pytest.raises(ValueError):
-    oai.parse_grade(value)
+    oai_cells.parse_grade(value)
 
 
 @pytest.mark.parametrize('value, expected', [
@@ -75,37 +78,38 @@ def test_parse_grade_rejects(value):
     ('LEFT', 'L'),
 ])
 def test_parse_side(value, expected):
-  assert oai.parse_side(value) == expected
+  assert oai_cells.parse_side(value) == expected
 
 
 def test_ids_visits_and_sites():
-  assert oai.normalize_id(9000001.0) == '9000001'
-  assert oai.normalize_id('9000001.0') == '9000001'
-  assert oai.normalize_id(b'MB00001 ') == 'MB00001'
-  assert oai.parse_visit('V06', 'oai') == 48
-  assert oai.parse_visit('V5', 'most') == 84
-  assert oai.parse_visit('24', None) == 24
+  assert oai_cells.normalize_id(9000001.0) == '9000001'
+  assert oai_cells.normalize_id('9000001.0') == '9000001'
+  assert oai_cells.normalize_id(b'MB00001 ') == 'MB00001'
+  assert oai_cells.parse_visit('V06', 'oai') == 48
+  assert oai_cells.parse_visit('V5', 'most') == 84
+  assert oai_cells.parse_visit('24', None) == 24
   with pytest.raises(ValueError):
-    oai.parse_visit('V01', None)  # a code needs a known study
-  assert oai._site_label('C: Pittsburgh') == 'C'
+    oai_cells.parse_visit('V01', None)  # a code needs a known study
+  assert oai_cells.site_label('C: Pittsburgh') == 'C'
 
 
 def test_visit_months_match_the_study_schedules():
-  assert [oai.OAI_VISIT_MONTHS[v] for v in (0, 1, 3, 5, 6, 8, 10)] == [
+  assert [oai_cells.OAI_VISIT_MONTHS[v] for v in (0, 1, 3, 5, 6, 8, 10)] == [
       0, 12, 24, 36, 48, 72, 96]
-  assert oai.MOST_VISIT_MONTHS == {0: 0, 1: 15, 2: 30, 3: 60, 5: 84}
+  assert oai_cells.MOST_VISIT_MONTHS == {0: 0, 1: 15, 2: 30, 3: 60, 5: 84}
 
 
 def test_table_kind_and_separator(tmp_path):
-  df = oai.read_table(_write(tmp_path / 'a.txt', BU00))
-  assert oai.table_kind(df) == 'oai'
+  df = oai_tables.read_table(_write(tmp_path / 'a.txt', BU00))
+  assert oai_tables.table_kind(df) == 'oai'
   assert df['ID'].iloc[0] == '9000001'
-  most = oai.read_table(_write(tmp_path / 'm.txt', MOST))
-  assert oai.table_kind(most) == 'most'
-  csv = oai.read_table(_write(tmp_path / 'c.csv', 'id,side,v00xrkl\n1,1,2\n'))
-  assert oai.table_kind(csv) == 'oai'  # names are upper-cased
+  most = oai_tables.read_table(_write(tmp_path / 'm.txt', MOST))
+  assert oai_tables.table_kind(most) == 'most'
+  csv = oai_tables.read_table(_write(tmp_path / 'c.csv',
+                                     'id,side,v00xrkl\n1,1,2\n'))
+  assert oai_tables.table_kind(csv) == 'oai'  # names are upper-cased
   with pytest.raises(ValueError, match='not an OAI'):
-    oai.table_kind(pd.DataFrame({'ID': ['1'], 'KL': ['2']}))
+    oai_tables.table_kind(pd.DataFrame({'ID': ['1'], 'KL': ['2']}))
 
 
 def test_most_readings():
@@ -113,7 +117,7 @@ def test_most_readings():
   table = pd.read_csv(io.StringIO(MOST), sep='\t', dtype=str,
                       keep_default_na=False)
   readings = {(r.subject_id, r.visit, r.side): r.grades
-              for r in oai.most_readings(table, 'most.txt', issues)}
+              for r in oai_tables.most_readings(table, 'most.txt', issues)}
   assert readings[('MB00001', 0, 'R')] == {'kl': 2, 'jsn_m': 1}
   assert readings[('MB00001', 0, 'L')] == {'kl': 0, 'jsn_m': 0}
   assert readings[('MB00001', 15, 'R')] == {'kl': 3}
@@ -125,17 +129,19 @@ def test_most_readings():
 
 
 def test_select_readings_rule():
-  make = lambda prj, n: oai.Reading('1', 0, 'R', dict(list(
+  make = lambda prj, n: oai_tables.Reading('1', 0, 'R', dict(list(
       {'kl': 1, 'ost_fl': 0, 'jsn_m': 1}.items())[:n]), source=prj,
-                                      readprj=prj)
+                                             readprj=prj)
   issues = []
-  chosen = oai.select_readings([make('15', 1), make('37', 3)], issues=issues)
+  chosen = oai_tables.select_readings([make('15', 1), make('37', 3)],
+                                      issues=issues)
   assert chosen['1', 0, 'R'].readprj == '37'  # most complete
   assert [i.kind for i in issues] == ['duplicate_reading']
-  chosen = oai.select_readings([make('15', 1), make('37', 3)],
-                               prefer_readprj=['15'], issues=[])
+  chosen = oai_tables.select_readings([make('15', 1), make('37', 3)],
+                                      prefer_readprj=['15'], issues=[])
   assert chosen['1', 0, 'R'].readprj == '15'  # preference wins
-  chosen = oai.select_readings([make('42', 2), make('15', 2)], issues=[])
+  chosen = oai_tables.select_readings([make('42', 2), make('15', 2)],
+                                      issues=[])
   assert chosen['1', 0, 'R'].readprj == '42'  # tie: first read
 
 
@@ -163,7 +169,7 @@ def test_convert_oai(oai_files):
   assert len(df) == 8 and summary['knees'] == 8
   assert summary['studies'] == ['oai']
 
-  issues = pd.read_csv(oai.issues_path(out), dtype={'subject_id': str})
+  issues = pd.read_csv(oai_issues.issues_path(out), dtype={'subject_id': str})
   kinds = issues.groupby('kind')['subject_id'].apply(sorted).to_dict()
   assert kinds['duplicate_reading'] == ['9000001']
   assert kinds['out_of_range'] == ['9000001']  # KL 7

@@ -9,6 +9,7 @@ import pytest
 from matplotlib import image as mpl_image
 from sklearn import metrics as sk_metrics
 
+from koajax.evaluation import predictions
 from koajax.evaluation import report
 
 NUM_KNEES = 400
@@ -80,7 +81,7 @@ def test_pngs_are_real_images(written, name):
 
 def test_predictions_csv_round_trips(written):
   out, run, _ = written
-  frame, _, _ = report.read_predictions(out / report.PREDICTIONS_CSV)
+  frame, _, _ = predictions.read_predictions(out / report.PREDICTIONS_CSV)
   assert list(frame.columns) == ['knee_id', 'side', 'subject_id', 'kl', 'p0',
                                  'p1', 'p2', 'p3', 'p4']
   assert frame['knee_id'].iloc[2] == '0000001_v00_R'
@@ -114,7 +115,8 @@ def test_metrics_json_agrees_with_sklearn_on_predictions_csv(written):
     assert result['metrics'][name]['estimate'] == pytest.approx(value), name
   assert result['confusion_matrix'] == sk_metrics.confusion_matrix(
       y, pred, labels=range(5)).tolist()
-  recomputed = report.metrics_from_predictions(out / report.PREDICTIONS_CSV)
+  recomputed = predictions.metrics_from_predictions(
+      out / report.PREDICTIONS_CSV)
   for name, entry in result['metrics'].items():
     assert entry['estimate'] == pytest.approx(recomputed[name]), name
 
@@ -151,8 +153,8 @@ def test_masked_knees_are_written_but_not_scored(tmp_path):
   run['labels'] = {'kl': y}
   result = report.write_report(tmp_path, n_resamples=50,
                                positive_from={'kl': 2}, **run)
-  frame, y_read, probs = report.read_predictions(tmp_path /
-                                                 report.PREDICTIONS_CSV)
+  frame, y_read, probs = predictions.read_predictions(
+      tmp_path / report.PREDICTIONS_CSV)
   assert len(frame) == 200
   np.testing.assert_array_equal(y_read, y)
   graded = y >= 0
@@ -167,8 +169,8 @@ def test_masked_knees_are_written_but_not_scored(tmp_path):
       y[graded], probs[graded], labels=range(5)))
   assert estimates['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(
       y[graded] >= 2, probs[graded, 2:].sum(axis=1)))
-  recomputed = report.metrics_from_predictions(tmp_path /
-                                               report.PREDICTIONS_CSV)
+  recomputed = predictions.metrics_from_predictions(
+      tmp_path / report.PREDICTIONS_CSV)
   for name, value in estimates.items():
     assert value == pytest.approx(recomputed[name]), name
 
@@ -181,15 +183,15 @@ def test_existing_predictions_csv_still_reads(tmp_path):
   columns.update({f'p{k}': probs[:, k] for k in range(5)})
   path = tmp_path / report.PREDICTIONS_CSV
   pd.DataFrame(columns).to_csv(path, index=False)
-  frame, y_read, probs_read = report.read_predictions(path)
+  frame, y_read, probs_read = predictions.read_predictions(path)
   np.testing.assert_array_equal(y_read, y)
   np.testing.assert_array_equal(probs_read, probs)
-  assert report.read_predictions(path, 'kl')[1].tolist() == y.tolist()
-  _, labels, head_probs = report.read_heads(path)
+  assert predictions.read_predictions(path, 'kl')[1].tolist() == y.tolist()
+  _, labels, head_probs = predictions.read_heads(path)
   assert list(labels) == ['kl'] and head_probs['kl'].shape == (40, 5)
   with pytest.raises(ValueError, match='no head'):
-    report.read_predictions(path, 'ost_tl')
-  got = report.metrics_from_predictions(path)
+    predictions.read_predictions(path, 'ost_tl')
+  got = predictions.metrics_from_predictions(path)
   assert got['kappa'] == pytest.approx(sk_metrics.cohen_kappa_score(
       y, probs.argmax(axis=1), weights='quadratic'))
 

@@ -10,7 +10,9 @@ from matplotlib import image as mpl_image
 from sklearn import metrics as sk_metrics
 
 from koajax.evaluation import compare
+from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics
+from koajax.evaluation import predictions
 from koajax.evaluation import report
 from koajax.evaluation import significance
 
@@ -109,7 +111,7 @@ def test_predictions_csv_columns_and_masked_rows(written):
 def test_read_heads_round_trips(written):
   out, run, _ = written
   path = out / report.PREDICTIONS_CSV
-  frame, labels, probs = report.read_heads(path)
+  frame, labels, probs = predictions.read_heads(path)
   assert list(labels) == list(HEADS) == list(probs)
   assert frame['subject_id'].iloc[0] == '0000000'
   for head in HEADS:
@@ -117,14 +119,14 @@ def test_read_heads_round_trips(written):
     np.testing.assert_array_equal(probs[head].astype(np.float32),
                                   run['probs'][head])
   # head=None reads the first (primary) head.
-  _, y, p = report.read_predictions(path)
+  _, y, p = predictions.read_predictions(path)
   np.testing.assert_array_equal(y, run['labels']['kl'])
   assert p.shape == (NUM_KNEES, 5)
-  _, y, p = report.read_predictions(path, 'jsn_m')
+  _, y, p = predictions.read_predictions(path, 'jsn_m')
   np.testing.assert_array_equal(y, run['labels']['jsn_m'])
   assert p.shape == (NUM_KNEES, 4)
   with pytest.raises(ValueError, match='no head'):
-    report.read_predictions(path, 'jsn_x')
+    predictions.read_predictions(path, 'jsn_x')
 
 
 def test_metrics_json_layout(written):
@@ -163,7 +165,7 @@ def test_each_head_equals_sklearn_on_its_graded_knees(written, head):
     assert ci['ci_low'] <= ci['estimate'] <= ci['ci_high'], name
   assert entry['confusion_matrix'] == sk_metrics.confusion_matrix(
       y, probs.argmax(axis=1), labels=range(HEADS[head])).tolist()
-  recomputed = report.metrics_from_predictions(
+  recomputed = predictions.metrics_from_predictions(
       out / report.PREDICTIONS_CSV, head=head,
       positive_from=POSITIVE_FROM.get(head))
   for name, value in want.items():
@@ -211,9 +213,9 @@ def test_plot_files_per_head(written):
 def test_report_scores_match_head_scores(written):
   _, run, result = written
   scores = report.report_scores(result)
-  want = metrics.head_scores(run['labels'], run['probs'],
-                             positive_from=POSITIVE_FROM,
-                             mean_heads=MEAN_HEADS)
+  want = heads_lib.head_scores(run['labels'], run['probs'],
+                               positive_from=POSITIVE_FROM,
+                               mean_heads=MEAN_HEADS)
   assert set(scores) == set(want)
   for name, value in want.items():
     assert scores[name] == pytest.approx(value, nan_ok=True), name
@@ -290,7 +292,7 @@ def test_compare_picks_a_head_and_skips_ungraded_knees(tmp_path):
   run_b = _run(n=160, seed=6, heads=heads)
   run_b['labels'] = run_a['labels']  # the same knees and grades
   for name, run in (('a', run_a), ('b', run_b)):
-    frame = report.predictions_frame(
+    frame = predictions.predictions_frame(
         knee_ids=run['knee_ids'], sides=run['sides'], labels=run['labels'],
         probs=run['probs'], subject_ids=run['subject_ids'])
     frame.to_csv(tmp_path / f'{name}.csv', index=False)

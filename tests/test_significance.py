@@ -11,7 +11,7 @@ from scipy import stats
 
 from koajax.evaluation import compare
 from koajax.evaluation import metrics
-from koajax.evaluation import report
+from koajax.evaluation import predictions
 from koajax.evaluation import significance
 
 
@@ -116,8 +116,8 @@ def test_mcnemar_exact_and_chi_square():
 
 
 def _write_predictions(path, knee_ids, sides, y, probs, **columns):
-  frame = report.predictions_frame(knee_ids=knee_ids, sides=sides, y_true=y,
-                                   probs=probs, **columns)
+  frame = predictions.predictions_frame(knee_ids=knee_ids, sides=sides,
+                                        y_true=y, probs=probs, **columns)
   frame.to_csv(path, index=False)
 
 

@@ -22,6 +22,7 @@ from koajax import config_lib
 from koajax import evaluate
 from koajax import methods
 from koajax import train
+from koajax.data import split_recipes
 from koajax.train import step as step_lib
 from config_loader import load_config
 
@@ -373,3 +374,62 @@ def test_evaluate_and_sweep_leave_a_read_only_run_unchanged(supervised_run,
   assert result['metrics'] == json.loads(
       (workdir / 'metrics.json').read_text())['metrics']
   assert (tmp_path / 'sweep' / 'scores.csv').is_file()
+
+
+def test_a_multi_head_task_reports_every_head(data_root, tmp_path):
+  """KL + six OARSI heads on a k-fold split, selected by the mean OARSI
+  kappa: the trainer, predictor and report handle seven heads (the
+  supervised method trains the first)."""
+  config = smoke_config('supervised', data_root)
+  config.task = 'kl_oarsi'
+  config.view = 'siamese'
+  config.split = split_recipes.split_config('kfold', num_folds=3, fold=1)
+  config.selection = ('mean/kappa', 'loss')
+  result = train.train_and_evaluate(config, tmp_path)
+  heads = ('kl', 'ost_tl', 'ost_fl', 'jsn_l', 'ost_tm', 'ost_fm', 'jsn_m')
+  assert tuple(result['heads']) == heads
+  predictions = pd.read_csv(tmp_path / 'predictions.csv')
+  for head in heads:
+    k = 5 if head == 'kl' else 4
+    probs = predictions[[f'{head}_p{c}' for c in range(k)]].to_numpy()
+    graded = predictions[head].to_numpy() >= 0
+    np.testing.assert_allclose(
+        result['heads'][head]['metrics']['kappa']['estimate'],
+        skm.cohen_kappa_score(predictions[head][graded],
+                              probs[graded].argmax(1), weights='quadratic',
+                              labels=range(k)))
+  np.testing.assert_allclose(
+      result['mean']['kappa']['estimate'],
+      np.mean([result['heads'][h]['metrics']['kappa']['estimate']
+               for h in heads[1:]]))
+  assert (tmp_path / 'best_mean-kappa').is_dir()
+  assert (tmp_path / 'best_loss').is_dir()
+  log = [json.loads(line) for line in
+         (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert any('val/jsn_m/kappa' in r for r in log)
+
+
+def test_a_binary_task_excludes_the_other_grades(data_root, tmp_path):
+  config = smoke_config('supervised', data_root)
+  config.task = 'kl0_vs_kl2'
+  config.split = split_recipes.split_config('ratio', ratios=(2, 1, 1))
+  result = train.train_and_evaluate(config, tmp_path)
+  predictions = pd.read_csv(tmp_path / 'predictions.csv')
+  assert list(predictions.columns[-3:]) == ['kl0_vs_kl2', 'p0', 'p1']
+  index = pd.read_csv(next(Path(data_root).glob('synthetic-*/cache-*/'
+                                                'index.csv')), dtype=str)
+  kl = dict(zip(index['knee_id'], index['kl'].astype(int)))
+  truth = predictions['knee_id'].map(kl).to_numpy()
+  assert set(truth) <= {0, 2}
+  np.testing.assert_array_equal(predictions['kl0_vs_kl2'], truth // 2)
+  assert result['metrics']['roc_auc']['estimate'] is not None
+
+
+def test_an_unknown_selection_metric_is_refused_before_training(data_root,
+                                                                tmp_path):
+  config = smoke_config('supervised', data_root)
+  config.selection = ('kl/kapa',)
+  with pytest.raises(ValueError, match=r"selection metric 'kl/kapa'.*"
+                     r'kl/kappa'):
+    train.Trainer(config, tmp_path)
+  assert not (tmp_path / 'checkpoints').exists()

@@ -2,19 +2,24 @@
 
   metrics       balanced accuracy, quadratic kappa, MSE, confusion matrix,
                 ROC AUC / average precision of grade >= t (KL >= 2)
+  heads         the metrics of a model with several heads, knees a head does
+                not grade left out
   bootstrap     stratified bootstrap percentile intervals
   significance  chunked Wilcoxon signed-rank test (Semixup), McNemar test
   plots         confusion matrix, ROC and precision-recall PNGs
+  predictions   predictions.csv: writing, reading, recomputing metrics
   report        predictions.csv + metrics.json + figures of one run
   compare       CLI: python -m koajax.evaluation.compare --a=... --b=...
 """
 
 from koajax.evaluation.bootstrap import Interval
 from koajax.evaluation.bootstrap import stratified_ci
+from koajax.evaluation.heads import head_scores
 from koajax.evaluation.metrics import classification_metrics
 from koajax.evaluation.metrics import kl_metrics
 from koajax.evaluation.metrics import MetricSet
-from koajax.evaluation.report import metrics_from_predictions
+from koajax.evaluation.predictions import metrics_from_predictions
+from koajax.evaluation.predictions import read_predictions
 from koajax.evaluation.report import write_report
 from koajax.evaluation.significance import chunked_wilcoxon
 from koajax.evaluation.significance import mcnemar

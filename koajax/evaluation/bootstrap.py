@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics as metrics_lib
 
 # Resamples per vectorised call are capped so that the (block, n) float64
@@ -103,6 +104,14 @@ def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
   return float(low), float(high)
 
 
+def _check_options(n_resamples: int, level: float) -> None:
+  """Raises ValueError for a level outside (0, 1) or no resamples."""
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level must lie in (0, 1); got {level}')
+  if n_resamples < 1:
+    raise ValueError(f'n_resamples must be positive; got {n_resamples}')
+
+
 def stratified_ci(metric_fn: Callable[[np.ndarray, np.ndarray], Mapping],
                   y_true, probs, *, n_resamples: int = 1000, seed: int = 0,
                   level: float = 0.95) -> dict[str, Interval]:
@@ -121,10 +130,7 @@ def stratified_ci(metric_fn: Callable[[np.ndarray, np.ndarray], Mapping],
   Returns:
     Metric name -> Interval(estimate on the full data, low, high).
   """
-  if not 0.0 < level < 1.0:
-    raise ValueError(f'level must lie in (0, 1); got {level}')
-  if n_resamples < 1:
-    raise ValueError(f'n_resamples must be positive; got {n_resamples}')
+  _check_options(n_resamples, level)
   y = np.asarray(y_true)
   probs = np.asarray(probs)
   point = _scalars(metric_fn(y, probs))
@@ -148,7 +154,7 @@ def joint_mean_ci(heads: Sequence[tuple[metrics_lib.MetricSet, np.ndarray,
 
   Args:
     heads: per head (metric set, labels (n,), probs (n, C_head)), rows
-      aligned across heads. Labels of metrics.MASKED (-1) mark knees the head
+      aligned across heads. Labels of heads.MASKED (-1) mark knees the head
       does not grade: they are resampled with the others but not scored.
     strata: (n,) labels of the strata, e.g. the primary head's labels (masked
       knees then form a stratum of their own). Strata of all heads' grades at
@@ -162,10 +168,7 @@ def joint_mean_ci(heads: Sequence[tuple[metrics_lib.MetricSet, np.ndarray,
     on all their graded knees, low, high), for the scalar metrics every head
     has; NaN throughout if a head grades no knee.
   """
-  if not 0.0 < level < 1.0:
-    raise ValueError(f'level must lie in (0, 1); got {level}')
-  if n_resamples < 1:
-    raise ValueError(f'n_resamples must be positive; got {n_resamples}')
+  _check_options(n_resamples, level)
   if not heads:
     raise ValueError('no heads to average')
   strata = np.asarray(strata)
@@ -175,7 +178,7 @@ def joint_mean_ci(heads: Sequence[tuple[metrics_lib.MetricSet, np.ndarray,
     if y.shape != strata.shape:
       raise ValueError(f'labels {y.shape} and strata {strata.shape} must '
                        'describe the same knees')
-    graded = metrics_lib.graded_rows(y, probs)
+    graded = heads_lib.graded_rows(y, probs)
     tasks.append((metric_set, graded, y[graded], probs[graded]))
     head_names = metrics_lib.metric_names(probs.shape[1],
                                           metric_set.positive_from)

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics as metrics_lib
+from koajax.evaluation import predictions as predictions_lib
 from koajax.evaluation import report as report_lib
 from koajax.evaluation import significance
 
@@ -61,8 +63,8 @@ def _subjects(frame_a: pd.DataFrame,
 
 def _aligned(path_a, path_b, head: str | None = None):
   """(frame_a, y, probs_a, probs_b) with B's rows reordered to match A's."""
-  frame_a, y_a, probs_a = report_lib.read_predictions(path_a, head)
-  frame_b, y_b, probs_b = report_lib.read_predictions(path_b, head)
+  frame_a, y_a, probs_a = predictions_lib.read_predictions(path_a, head)
+  frame_b, y_b, probs_b = predictions_lib.read_predictions(path_b, head)
   for path, frame in ((path_a, frame_a), (path_b, frame_b)):
     if frame['knee_id'].duplicated().any():
       raise ValueError(f'{path}: knee_id values repeat')
@@ -92,7 +94,7 @@ def compare_predictions(path_a: str | Path, path_b: str | Path, *,
   """
   frame_a, y, probs_a, probs_b = _aligned(path_a, path_b, head)
   subject_ids = _subjects(frame_a, subjects_csv)
-  graded = metrics_lib.graded_rows(y, probs_a)
+  graded = heads_lib.graded_rows(y, probs_a)
   y, probs_a, probs_b = y[graded], probs_a[graded], probs_b[graded]
   subject_ids = subject_ids[graded]
   result = significance.chunked_wilcoxon(

@@ -5,7 +5,7 @@ each selection metric.
   WORKDIR/best_<metric>/        the state with the best validation <metric>
                                 ('/' in a metric name becomes '-')
 
-Metric names are those of `koajax.evaluation.metrics.head_scores`
+Metric names are those of `koajax.evaluation.heads.head_scores`
 ('balanced_accuracy', 'jsn_l/kappa', 'mean/kappa', 'loss'); higher is better
 except the errors and losses. The first selection metric is 'best'.
 Read-only use (`Checkpoints(..., read_only=True)`) writes nothing, so a

@@ -38,7 +38,7 @@ from koajax import tasks as tasks_lib
 from koajax.data import pipeline
 from koajax.data import sources
 from koajax.data import split_recipes
-from koajax.evaluation import metrics as metrics_lib
+from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import report
 from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import predictor as predictor_lib
@@ -104,6 +104,17 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.task = tasks_lib.from_config(config)
     self.method = method or methods_lib.from_config(config, self.task)
+    selection = tuple(config.get('selection',
+                                 predictor_lib.DEFAULT_SELECTION))
+    known = heads_lib.score_names(self.task.num_classes,
+                                  self.task.positive_from,
+                                  self.task.mean_heads)
+    for name in selection:
+      if name not in known:
+        raise ValueError(
+            f'selection metric {name!r} (config field selection) is not a '
+            f'validation metric of task {self.task.name!r}; choose from '
+            f'{", ".join(sorted(known))}')
     self.cache = cache or runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
     self.splits = splits or split_recipes.make_splits(
@@ -147,9 +158,7 @@ class Trainer:
         seed=config.seed if name == 'labeled' else
         (config.seed + 2**31) % 2**32, num_epochs=None),
         worker_count=config.data_workers) for name in streams}
-    self.ckpts = checkpoints_lib.Checkpoints(
-        self.workdir, config.get('selection',
-                                 predictor_lib.DEFAULT_SELECTION))
+    self.ckpts = checkpoints_lib.Checkpoints(self.workdir, selection)
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run, including knees
       # chosen by a caller rather than by config.split.
@@ -218,9 +227,9 @@ class Trainer:
             epoch=float(self.state.step) / self.steps_per_epoch))
     self.state = self.state.replace(method_state=jax.device_put(
         jax.tree.map(jnp.asarray, new_state), self.replicated))
-    return metrics_lib.head_scores(labels, probs,
-                                   positive_from=self.task.positive_from,
-                                   mean_heads=self.task.mean_heads)
+    return heads_lib.head_scores(labels, probs,
+                                 positive_from=self.task.positive_from,
+                                 mean_heads=self.task.mean_heads)
 
   # -- the loop ----------------------------------------------------------------
 
