@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   # What the run predicts (koajax.tasks): heads, qualifying knees, view.
   config.task = 'kl'
   config.view = ''  # '' = the task's own view
+  config.view_size = 0  # px; 0 = the view's own (128 px Siamese patches)
   config.method = ''
   config.method_kwargs = ml_collections.ConfigDict()
   config.seed = 0

@@ -68,6 +68,8 @@ class Task:
     name: the name configs use (`config.task`).
     heads: the heads, primary first (its metrics also go by bare names).
     view: default method view (`koajax.data.views.VIEWS`).
+    view_size: the view's pixel size (0: the view's own: 128 px patches,
+      300 or 320 px knees).
     mean_heads: heads whose metrics the reports average ('mean/...').
     qualify: 'primary': a knee qualifies for labeled / val / test use when
       its first head is graded; 'any': when any head is.
@@ -75,6 +77,7 @@ class Task:
   name: str
   heads: tuple[Head, ...]
   view: str = 'siamese'
+  view_size: int = 0
   mean_heads: tuple[str, ...] = ()
   qualify: str = 'primary'
 
@@ -122,15 +125,18 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get(name: str, *, view: str = '') -> Task:
-  """The task called `name`, seen through `view` ('' = its own)."""
+def get(name: str, *, view: str = '', view_size: int = 0) -> Task:
+  """The task called `name`, seen through `view` ('' = its own) at
+  `view_size` px (0 = the view's own)."""
   if name not in TASKS:
     raise ValueError(f'unknown task {name!r} (config field task); choose one '
                      f'of {", ".join(TASKS)}')
   task = TASKS[name]
-  return dataclasses.replace(task, view=view) if view else task
+  return dataclasses.replace(task, view=view or task.view,
+                             view_size=view_size)
 
 
 def from_config(config) -> Task:
   """The task of a run config; configs saved before tasks existed are KL."""
-  return get(config.get('task', 'kl'), view=config.get('view', ''))
+  return get(config.get('task', 'kl'), view=config.get('view', ''),
+             view_size=config.get('view_size', 0))

@@ -11,6 +11,7 @@ from sklearn import metrics as sk_metrics
 from koajax.evaluation import bootstrap
 from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics
+import sklearn_reference
 
 
 def _predictions(n: int, num_classes: int = 5, *, seed: int = 0,
@@ -299,27 +300,6 @@ def test_metric_names_match_the_computed_metrics():
 # Several heads.
 
 
-def _sklearn_head(y, probs, positive_from=None):
-  """A head's metrics computed directly with scikit-learn."""
-  num_classes = probs.shape[1]
-  pred = probs.argmax(axis=1)
-  out = {
-      'balanced_accuracy': sk_metrics.balanced_accuracy_score(y, pred),
-      'kappa': sk_metrics.cohen_kappa_score(y, pred, weights='quadratic',
-                                            labels=range(num_classes)),
-      'mse': sk_metrics.mean_squared_error(y, pred),
-      'accuracy': sk_metrics.accuracy_score(y, pred),
-      'log_loss': sk_metrics.log_loss(y, probs, labels=range(num_classes)),
-  }
-  if positive_from is not None:
-    positive = y >= positive_from
-    score = probs[:, positive_from:].sum(axis=1)
-    out['roc_auc'] = sk_metrics.roc_auc_score(positive, score)
-    out['average_precision'] = sk_metrics.average_precision_score(positive,
-                                                                  score)
-  return out
-
-
 def _heads(n=400, seed=0):
   """KL and two OARSI grades, these with ungraded knees."""
   kl_y, kl_p = _predictions(n, 5, seed=seed, decimals=None)
@@ -340,7 +320,7 @@ def test_head_scores_names_and_values_equal_sklearn():
   want = {}
   for head in labels:
     graded = labels[head] >= 0
-    want[head] = _sklearn_head(labels[head][graded], probs[head][graded],
+    want[head] = sklearn_reference.sklearn_head(labels[head][graded], probs[head][graded],
                                positive_from.get(head))
     for name, value in want[head].items():
       assert got[f'{head}/{name}'] == pytest.approx(value, rel=1e-9), (head,
@@ -405,13 +385,13 @@ def test_joint_mean_ci_equals_a_loop_over_the_same_resamples():
       per_head = []
       for head in heads:
         kept = rows[labels[head][rows] >= 0]
-        per_head.append(_sklearn_head(labels[head][kept],
+        per_head.append(sklearn_reference.sklearn_head(labels[head][kept],
                                       probs[head][kept])[name])
       values.append(np.mean(per_head))
     low, high = np.percentile(values, [2.5, 97.5])
     assert got[name].low == pytest.approx(low, rel=1e-9), name
     assert got[name].high == pytest.approx(high, rel=1e-9), name
-    estimate = np.mean([_sklearn_head(labels[h][labels[h] >= 0],
+    estimate = np.mean([sklearn_reference.sklearn_head(labels[h][labels[h] >= 0],
                                       probs[h][labels[h] >= 0])[name]
                         for h in heads])
     assert got[name].estimate == pytest.approx(estimate, rel=1e-9), name

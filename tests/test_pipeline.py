@@ -77,9 +77,26 @@ def test_whole_knee_and_keypoints_views_agree_on_geometry():
   assert views.whole_knee(roi).shape == (300, 300)
 
 
+def test_smaller_siamese_patches_sample_the_same_regions():
+  # One 3 mm square at 75.5 mm down, 40.5 mm across (the lateral patch).
+  roi = np.zeros((280, 280), np.uint8)
+  roi[148:154, 78:84] = 255
+  full = views.get_view('siamese')({'image': roi}, 140)['image']
+  half = views.get_view('siamese', 64)({'image': roi}, 140)['image']
+  assert full.shape == (2, 128, 128) and half.shape == (2, 64, 64)
+  # A point at pixel centre c of a 128 px patch is at (c + 0.5) / 2 - 0.5
+  # of the 64 px one.
+  np.testing.assert_allclose(_centroid(half[0]),
+                             (_centroid(full[0]) + 0.5) / 2 - 0.5, atol=0.15)
+  whole = views.get_view('whole', 310)({'image': roi}, 140)['image']
+  assert whole.shape == (310, 310)
+
+
 def test_unknown_view_is_a_clear_error():
   with pytest.raises(ValueError, match='unknown view'):
     views.get_view('sideways')
+  with pytest.raises(ValueError, match='view size must be >= 0'):
+    views.get_view('siamese', -2)
 
 
 # --- pipeline ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from koajax.evaluation import metrics
 from koajax.evaluation import predictions
 from koajax.evaluation import report
 from koajax.evaluation import significance
+import sklearn_reference
 
 NUM_KNEES = 300
 HEADS = {'kl': 5, 'ost_tl': 4, 'ost_fl': 4, 'jsn_l': 4, 'ost_tm': 4,
@@ -59,32 +60,6 @@ def written(tmp_path_factory):
                                mean_heads=MEAN_HEADS, n_resamples=100, seed=0,
                                **run)
   return out, run, result
-
-
-def _sklearn(y, probs, positive_from=None):
-  """A head's scalar metrics on its graded knees, straight from sklearn."""
-  num_classes = probs.shape[1]
-  probs = probs.astype(np.float64)
-  pred = probs.argmax(axis=1)
-  labels = list(range(num_classes))
-  out = {
-      'balanced_accuracy': sk_metrics.balanced_accuracy_score(y, pred),
-      'kappa': sk_metrics.cohen_kappa_score(y, pred, labels=labels,
-                                            weights='quadratic'),
-      'mse': sk_metrics.mean_squared_error(y, pred),
-      'accuracy': sk_metrics.accuracy_score(y, pred),
-      'log_loss': sk_metrics.log_loss(y, probs, labels=labels),
-  }
-  recall = sk_metrics.recall_score(y, pred, labels=labels, average=None,
-                                   zero_division=np.nan)
-  out.update({f'recall_{k}': r for k, r in enumerate(recall)})
-  if positive_from is not None:
-    positive = y >= positive_from
-    score = probs[:, positive_from:].sum(axis=1)
-    out['roc_auc'] = sk_metrics.roc_auc_score(positive, score)
-    out['average_precision'] = sk_metrics.average_precision_score(positive,
-                                                                  score)
-  return out
 
 
 def _graded(run, head):
@@ -156,7 +131,7 @@ def test_each_head_equals_sklearn_on_its_graded_knees(written, head):
   out, run, result = written
   entry = result['heads'][head]
   y, probs = _graded(run, head)
-  want = _sklearn(y, probs, POSITIVE_FROM.get(head))
+  want = sklearn_reference.sklearn_head(y, probs, POSITIVE_FROM.get(head))
   assert list(entry['metrics']) == list(metrics.metric_names(
       HEADS[head], POSITIVE_FROM.get(head)))
   for name, value in want.items():
@@ -174,7 +149,7 @@ def test_each_head_equals_sklearn_on_its_graded_knees(written, head):
 
 def test_mean_over_heads(written):
   _, run, result = written
-  per_head = {head: _sklearn(*_graded(run, head), POSITIVE_FROM.get(head))
+  per_head = {head: sklearn_reference.sklearn_head(*_graded(run, head), POSITIVE_FROM.get(head))
               for head in MEAN_HEADS}
   # Only metrics every mean head has: jsn_m alone has roc_auc.
   shared = set.intersection(*(set(v) for v in per_head.values()))
@@ -222,7 +197,7 @@ def test_report_scores_match_head_scores(written):
   # Bare names are the primary head's; 'loss' averages all heads.
   assert scores['kappa'] == scores['kl/kappa']
   assert scores['loss'] == pytest.approx(np.mean(
-      [_sklearn(*_graded(run, head))['log_loss'] for head in HEADS]))
+      [sklearn_reference.sklearn_head(*_graded(run, head))['log_loss'] for head in HEADS]))
 
 
 def test_headline_of_several_heads(written):

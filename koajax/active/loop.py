@@ -210,7 +210,8 @@ class Loop:
     predictor = mc_dropout.MCDropoutPredictor(
         trainer.graphdef, trainer.mesh, num_samples=active.mc_samples,
         samples_per_pass=active.samples_per_pass,
-        chunk_size=active.chunk_size, head=head, view=self.task.view)
+        chunk_size=active.chunk_size, head=head, view=self.task.view,
+        view_size=self.task.view_size)
     key = jax.random.fold_in(jax.random.key(self.config.seed + 1), r)
     with tqdm.tqdm(total=len(rows), unit='knee',
                    desc=f'MC dropout x{active.mc_samples}',

@@ -77,12 +77,13 @@ class MCDropoutPredictor:
 
   def __init__(self, graphdef, mesh: jax.sharding.Mesh, *, num_samples: int,
                samples_per_pass: int | None = None, chunk_size: int = 64,
-               head: str = 'kl', view: str = 'siamese'):
+               head: str = 'kl', view: str = 'siamese', view_size: int = 0):
     if num_samples < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}')
     self.mesh = mesh
     self.num_samples = num_samples
     self.view = view
+    self.view_size = view_size
     # Every device gets the same number of knees.
     self.chunk_size = max(mesh.size, chunk_size // mesh.size * mesh.size)
     self._data = jax.NamedSharding(mesh, jax.P('data'))
@@ -98,7 +99,8 @@ class MCDropoutPredictor:
   def chunks(self, cache, indices: np.ndarray) -> Iterator[np.ndarray]:
     """uint8 pair images of `indices`, `chunk_size` knees at a time."""
     yield from (b['image'] for b in pipeline.eval_batches(
-        cache, indices, view=self.view, batch_size=self.chunk_size,
+        cache, indices, view=self.view, view_size=self.view_size,
+        batch_size=self.chunk_size,
         sharding=pipeline.Sharding(0, 1)))
 
   def __call__(self, params, extra, images: np.ndarray,

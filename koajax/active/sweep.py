@@ -164,7 +164,7 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best',
   predictor = mc_dropout.MCDropoutPredictor(
       member.graphdef, mesh, num_samples=num_samples,
       samples_per_pass=samples_per_pass, chunk_size=chunk_size,
-      head=task.heads[0].name, view=task.view)
+      head=task.heads[0].name, view=task.view, view_size=task.view_size)
   settings = {
       'checkpoint': checkpoint, 'step': member.step, 'pool': name,
       'samples': num_samples, 'chunk_size': predictor.chunk_size,
@@ -191,7 +191,8 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best',
   top = uncertainty.most_uncertain(result[rank_by], min(top_k, len(indices)))
   if len(top):
     images = np.concatenate([b['image'] for b in pipeline.eval_batches(
-        cache, indices[top], view=task.view, batch_size=len(top),
+        cache, indices[top], view=task.view, view_size=task.view_size,
+        batch_size=len(top),
         sharding=pipeline.Sharding(0, 1))])
     plots.uncertain_grid(out / TOP_PNG, images, [
         f'{table.knee_id.iloc[i]}\n{rank_by} {result[rank_by][i]:.3f}'

@@ -66,9 +66,10 @@ class _Subset:
 class DecodeView(grain.transforms.Map):
   """Record bytes -> a dict of arrays in one method view (see module doc)."""
 
-  def __init__(self, view: str, roi_mm: float, task: Any = None):
+  def __init__(self, view: str, roi_mm: float, task: Any = None,
+               view_size: int = 0):
     self._view_name = view
-    self._view = views.get_view(view)
+    self._view = views.get_view(view, view_size)
     self._roi_mm = float(roi_mm)
     self._task = task
 
@@ -145,7 +146,7 @@ def steps_per_epoch(num_knees: int, batch_size: int) -> int:
 def knee_dataset(cache: cache_lib.Cache,
                  indices: Sequence[int] | np.ndarray, *, view: str,
                  batch_size: int, seed: int, task: Any = None,
-                 shuffle: bool = True,
+                 view_size: int = 0, shuffle: bool = True,
                  num_epochs: int | None = 1,
                  sharding: Sharding | None = None) -> grain.MapDataset:
   """The batched MapDataset of this process's share of `indices`.
@@ -156,6 +157,7 @@ def knee_dataset(cache: cache_lib.Cache,
     view: one of `views.VIEWS`.
     batch_size: global batch size, divisible by the process count.
     task: a `koajax.tasks.Task` whose labels the elements carry (optional).
+    view_size: the view's pixel size (0: its own).
     seed: shuffle seed; epoch e is shuffled with seed + e (Grain's rule).
     shuffle: False keeps `indices` order (evaluation).
     num_epochs: epochs to run, None for an endless stream.
@@ -178,7 +180,7 @@ def knee_dataset(cache: cache_lib.Cache,
   # every epoch: each one is whole batches, and processes get disjoint shares.
   ds = _BatchShard(ds[:usable], batch_size=batch_size, sharding=sharding)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(DecodeView(view, cache.meta['roi_mm'], task))
+  ds = ds.map(DecodeView(view, cache.meta['roi_mm'], task, view_size))
   return ds.batch(local_batch, drop_remainder=True)
 
 
@@ -248,8 +250,8 @@ def make_streams(cache: cache_lib.Cache, *,
 
 
 def eval_batches(cache: cache_lib.Cache, indices: Sequence[int] | np.ndarray,
-                 *, view: str = 'siamese', batch_size: int,
-                 sharding: Sharding | None = None,
+                 *, view: str = 'siamese', view_size: int = 0,
+                 batch_size: int, sharding: Sharding | None = None,
                  read_threads: int | None = None) -> grain.DatasetIterator:
   """Every knee of `indices` once, in order; the last batch may be short.
 
@@ -261,6 +263,6 @@ def eval_batches(cache: cache_lib.Cache, indices: Sequence[int] | np.ndarray,
   local_batch = _local_batch_size(batch_size, sharding)
   ds = grain.MapDataset.source(_Subset(cache.source(), np.asarray(indices)))
   ds = ds[sharding.index::sharding.count]
-  ds = ds.map(DecodeView(view, cache.meta['roi_mm']))
+  ds = ds.map(DecodeView(view, cache.meta['roi_mm'], view_size=view_size))
   ds = ds.batch(local_batch, drop_remainder=False)
   return to_iterator(ds, read_threads=read_threads)

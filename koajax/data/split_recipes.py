@@ -286,41 +286,19 @@ def _unlabeled(index: pd.DataFrame, q: np.ndarray, test_site: str,
 
 def _semixup(index, q, grades, *, seed, test_site, labels_per_grade,
              unlabeled_factor, labeled_fraction, num_folds, fold) -> Splits:
-  """Semixup's setting; with the default mask, koajax.train's splits exactly.
-
-  This follows splits.semixup_setting step by step (same folds, one
-  generator drawn in the same order) but draws only the task's grades and
-  validates only on qualifying knees.
-  """
+  """Semixup's setting (`splits.semixup_setting`) on the task's grades and
+  qualifying knees; with the default mask, the splits koajax always made."""
   rest, test = np.arange(len(index)), _EMPTY
   if test_site:
     rest, test = _held_out(index, q, test_site)
   pools = splits_lib.labeled_unlabeled_pools(
       index, labeled_fraction=labeled_fraction, seed=seed, rows=rest)
-  split = splits_lib.subject_kfold(
-      index, n_folds=num_folds, seed=seed,
-      rows=pools.labeled[q[pools.labeled]], graded_only=False)[fold]
-  rng = np.random.default_rng([seed, fold])
-  kl = index['kl'].to_numpy()[split.train]
-  chosen = []
-  for grade in grades:
-    candidates = split.train[kl == grade]
-    if len(candidates) < labels_per_grade:
-      raise ValueError(
-          f'split.labels_per_grade={labels_per_grade}, but KL {grade} has '
-          f'only {len(candidates)} knees among the labeled training subjects; '
-          f'use fewer labels per grade or a larger split.labeled_fraction')
-    chosen.append(rng.choice(candidates, labels_per_grade, replace=False))
-  labeled = np.sort(np.concatenate([*chosen, _EMPTY]))
-  n_unlabeled = unlabeled_factor * len(labeled)
-  if n_unlabeled > len(pools.unlabeled):
-    raise ValueError(
-        f'split.unlabeled_factor={unlabeled_factor} asks for {n_unlabeled} '
-        f'unlabeled knees ({unlabeled_factor} x {len(labeled)} labeled); the '
-        f'unlabeled pool has only {len(pools.unlabeled)}')
-  unlabeled = np.sort(rng.choice(pools.unlabeled, n_unlabeled, replace=False))
-  return Splits(labeled=labeled, unlabeled=unlabeled, val=split.val,
-                test=test)
+  setting = splits_lib.semixup_setting(
+      index, n_per_grade=labels_per_grade, unlabeled_factor=unlabeled_factor,
+      fold=fold, n_folds=num_folds, seed=seed, pools=pools, qualifies=q,
+      grades=grades)
+  return Splits(labeled=setting.labeled, unlabeled=setting.unlabeled,
+                val=setting.val, test=test)
 
 
 def _kfold(index, q, *, seed, test_site, num_folds, fold) -> Splits:

@@ -146,46 +146,53 @@ def labeled_unlabeled_pools(
 
 
 def _sample_per_grade(index: pd.DataFrame, rows: np.ndarray, n_per_grade: int,
-                      rng: np.random.Generator) -> np.ndarray:
+                      rng: np.random.Generator,
+                      grades: Sequence[int] = KL_GRADES) -> np.ndarray:
   kl = index['kl'].to_numpy()[rows]
   chosen = []
-  for grade in KL_GRADES:
+  for grade in grades:
     candidates = rows[kl == grade]
     if len(candidates) < n_per_grade:
       raise ValueError(
-          f'KL {grade} has only {len(candidates)} knees among the labeled '
-          f'training subjects, {n_per_grade} requested; use fewer labels per '
-          f'grade or a larger labeled pool')
+          f'split.labels_per_grade={n_per_grade}, but KL {grade} has only '
+          f'{len(candidates)} knees among the labeled training subjects; use '
+          'fewer labels per grade or a larger split.labeled_fraction')
     chosen.append(rng.choice(candidates, n_per_grade, replace=False))
-  return np.sort(np.concatenate(chosen))
+  return np.sort(np.concatenate([*chosen, _EMPTY]))
 
 
 def semixup_setting(index: pd.DataFrame, *, n_per_grade: int,
                     unlabeled_factor: int, fold: int = 0, n_folds: int = 5,
                     seed: int = 0, labeled_fraction: float = 0.25,
-                    pools: Pools | None = None) -> SemiSupervisedSplit:
+                    pools: Pools | None = None,
+                    qualifies: np.ndarray | None = None,
+                    grades: Sequence[int] = KL_GRADES) -> SemiSupervisedSplit:
   """Semixup's "N labels per KL grade + k x as many unlabeled" setting.
 
   The pools are split by subject (`labeled_unlabeled_pools`), the labeled pool
   into `n_folds` subject-disjoint folds; fold `fold` is validation, and N knees
-  of each KL grade are drawn from the other folds. As in the reference code
-  (unlabeled size = 5 x k x N), `unlabeled_factor` = k multiplies the number
-  of labeled knees: k x 5N unlabeled knees are drawn from the unlabeled pool.
+  of each KL grade in `grades` are drawn from the other folds. As in the
+  reference code (unlabeled size = 5 x k x N), `unlabeled_factor` = k
+  multiplies the number of labeled knees: k x 5N unlabeled knees are drawn
+  from the unlabeled pool. `qualifies` (a mask over the index rows; default:
+  KL graded) says which labeled-pool knees may train and validate.
   """
   if pools is None:
     pools = labeled_unlabeled_pools(index, labeled_fraction=labeled_fraction,
                                     seed=seed)
-  split = subject_kfold(index, n_folds=n_folds, seed=seed,
-                        rows=pools.labeled)[fold]
+  rows = (pools.labeled if qualifies is None
+          else pools.labeled[np.asarray(qualifies)[pools.labeled]])
+  split = subject_kfold(index, n_folds=n_folds, seed=seed, rows=rows,
+                        graded_only=qualifies is None)[fold]
   # One generator drawn in a fixed order keeps the sample deterministic.
   rng = np.random.default_rng([seed, fold])
-  labeled = _sample_per_grade(index, split.train, n_per_grade, rng)
+  labeled = _sample_per_grade(index, split.train, n_per_grade, rng, grades)
   n_unlabeled = unlabeled_factor * len(labeled)
   if n_unlabeled > len(pools.unlabeled):
     raise ValueError(
-        f'{n_unlabeled} unlabeled knees requested ({unlabeled_factor} x '
-        f'{len(labeled)} labeled), the unlabeled pool has only '
-        f'{len(pools.unlabeled)}')
+        f'split.unlabeled_factor={unlabeled_factor} asks for {n_unlabeled} '
+        f'unlabeled knees ({unlabeled_factor} x {len(labeled)} labeled); the '
+        f'unlabeled pool has only {len(pools.unlabeled)}')
   unlabeled = np.sort(rng.choice(pools.unlabeled, n_unlabeled, replace=False))
   return SemiSupervisedSplit(labeled=labeled, unlabeled=unlabeled,
                              val=split.val)

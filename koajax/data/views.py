@@ -19,6 +19,7 @@ centre of pixel (row r, col c) is the point (x=c, y=r). Keypoints are (x, y).
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from typing import Any
 
 import numpy as np
@@ -58,13 +59,15 @@ def central_crop_box(roi_px: int, roi_mm: float,
   return (lo, lo, lo + side, lo + side)
 
 
-def siamese_pair(roi: np.ndarray, roi_mm: float) -> np.ndarray:
-  """The (lateral, mirrored medial) patch pair, (2, 128, 128) uint8.
+def siamese_pair(roi: np.ndarray, roi_mm: float,
+                 patch_px: int = SIAMESE_PATCH_PX) -> np.ndarray:
+  """The (lateral, mirrored medial) patch pair, (2, patch_px, patch_px) uint8.
 
   Each patch is resampled straight from its region of the ROI, the region
   that rows 100:228 and its cols cover once the central 110 mm are resized to
   300 px: the same pixels (to rounding) at a third of the cost of resizing
-  the whole crop.
+  the whole crop. A `patch_px` other than 128 samples the same regions more
+  coarsely or finely.
   """
   lo, _, hi, _ = central_crop_box(roi.shape[0], roi_mm, SIAMESE_CROP_MM)
   step = (hi - lo) / SIAMESE_RESIZE_PX  # ROI pixels per resized pixel
@@ -72,7 +75,7 @@ def siamese_pair(roi: np.ndarray, roi_mm: float) -> np.ndarray:
 
   def patch(cols: tuple[int, int]) -> np.ndarray:
     left, right = (lo + c * step for c in cols)
-    return _resize(roi, SIAMESE_PATCH_PX, (left, top, right, bottom))
+    return _resize(roi, patch_px, (left, top, right, bottom))
 
   # Mirroring makes the medial compartment look like a lateral one, so one
   # shared branch sees both with the same orientation.
@@ -102,23 +105,26 @@ def with_keypoints(roi: np.ndarray, keypoints: np.ndarray,
   return whole_knee(roi, size), rescale_keypoints(keypoints, roi.shape[0], size)
 
 
-# A view turns a decoded knee into the arrays a network takes.
+# A view turns a decoded knee into the arrays a network takes; `size` is
+# its pixel size (the patch side of the Siamese pair, the side of the others).
 View = Callable[[dict[str, Any], float], dict[str, np.ndarray]]
 
 
-def _siamese_view(knee: dict[str, Any], roi_mm: float) -> dict[str, np.ndarray]:
-  return {'image': siamese_pair(knee['image'], roi_mm)}
+def _siamese_view(knee: dict[str, Any], roi_mm: float,
+                  size: int = SIAMESE_PATCH_PX) -> dict[str, np.ndarray]:
+  return {'image': siamese_pair(knee['image'], roi_mm, size)}
 
 
-def _whole_view(knee: dict[str, Any], roi_mm: float) -> dict[str, np.ndarray]:
+def _whole_view(knee: dict[str, Any], roi_mm: float,
+                size: int = WHOLE_KNEE_PX) -> dict[str, np.ndarray]:
   del roi_mm  # the whole ROI, whatever its extent
-  return {'image': whole_knee(knee['image'])}
+  return {'image': whole_knee(knee['image'], size)}
 
 
-def _keypoints_view(knee: dict[str, Any],
-                    roi_mm: float) -> dict[str, np.ndarray]:
+def _keypoints_view(knee: dict[str, Any], roi_mm: float,
+                    size: int = KEYPOINTS_PX) -> dict[str, np.ndarray]:
   del roi_mm
-  image, keypoints = with_keypoints(knee['image'], knee['keypoints'])
+  image, keypoints = with_keypoints(knee['image'], knee['keypoints'], size)
   return {'image': image, 'keypoints': keypoints}
 
 
@@ -129,10 +135,13 @@ VIEWS: dict[str, View] = {
 }
 
 
-def get_view(name: str) -> View:
-  """The view function called `name` (one of VIEWS) or a clear error."""
-  try:
-    return VIEWS[name]
-  except KeyError:
+def get_view(name: str, size: int = 0) -> View:
+  """The view function called `name` (one of VIEWS) at `size` px (0: the
+  view's own size), or a clear error."""
+  if name not in VIEWS:
     raise ValueError(
-        f'unknown view {name!r}; choose one of {sorted(VIEWS)}') from None
+        f'unknown view {name!r}; choose one of {sorted(VIEWS)}')
+  if size < 0:
+    raise ValueError(f'view size must be >= 0 px (0: the view\'s own), '
+                     f'got {size}')
+  return functools.partial(VIEWS[name], size=size) if size else VIEWS[name]

@@ -30,13 +30,13 @@ from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 import importlib
-import pkgutil
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from koajax import registry as registry_lib
 from koajax import tasks as tasks_lib
 
 
@@ -94,14 +94,7 @@ class Spec:
 @functools.cache
 def registry() -> dict[str, Spec]:
   """Every method name of this package's modules -> its Spec."""
-  found = {}
-  for info in pkgutil.iter_modules(__path__):
-    module = importlib.import_module(f'{__name__}.{info.name}')
-    for name, spec in getattr(module, 'METHODS', {}).items():
-      if name in found:
-        raise ValueError(f'method {name!r} is defined twice')
-      found[name] = spec
-  return found
+  return registry_lib.discover(__name__, __path__, 'METHODS')
 
 
 def spec(name: str) -> Spec:

@@ -15,24 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import functools
-import importlib
-import pkgutil
 
 import ml_collections
 from flax import nnx
+
+from koajax import registry as registry_lib
 
 
 @functools.cache
 def registry() -> dict[str, type]:
   """Every model name of the package's modules -> its class."""
-  found = {}
-  for info in pkgutil.iter_modules(__path__):
-    module = importlib.import_module(f'{__name__}.{info.name}')
-    for name, cls in getattr(module, 'MODELS', {}).items():
-      if name in found:
-        raise ValueError(f'model {name!r} is defined twice')
-      found[name] = cls
-  return found
+  return registry_lib.discover(__name__, __path__, 'MODELS')
 
 
 def create(cfg: ml_collections.ConfigDict, *, heads: Mapping[str, int],

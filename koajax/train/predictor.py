@@ -149,7 +149,8 @@ class Predictor:
   def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
     """{head: (len(indices), classes)} probabilities of cache rows, in order."""
     batches = [self.predict_images(b['image']) for b in pipeline.eval_batches(
-        cache, indices, view=self.task.view, batch_size=self.batch_size,
+        cache, indices, view=self.task.view, view_size=self.task.view_size,
+        batch_size=self.batch_size,
         sharding=pipeline.Sharding(0, 1))]
     return {head: np.concatenate([b[head] for b in batches])
             for head in self.task.head_names}

@@ -152,7 +152,8 @@ class Trainer:
         [jnp.isfinite(x).all() for x in jax.tree.leaves(params)])))
     self.streams = {name: pipeline.to_iterator(pipeline.knee_dataset(
         self.cache, getattr(self.splits, name), view=self.task.view,
-        task=self.task, batch_size=batch_sizes[name],
+        task=self.task, view_size=self.task.view_size,
+        batch_size=batch_sizes[name],
         # A seed far from the labeled one: Grain shuffles epoch e with seed
         # + e, so nearby seeds would reuse the labeled stream's orders.
         seed=config.seed if name == 'labeled' else

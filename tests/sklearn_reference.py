@@ -1,0 +1,31 @@
+"""A classification head's metrics computed directly with scikit-learn: the
+independent reference the metric and report tests compare koajax against."""
+
+import numpy as np
+from sklearn import metrics as sk_metrics
+
+
+def sklearn_head(y, probs, positive_from=None):
+  """A head's scalar metrics on its graded knees, straight from sklearn."""
+  num_classes = probs.shape[1]
+  probs = probs.astype(np.float64)
+  pred = probs.argmax(axis=1)
+  labels = list(range(num_classes))
+  out = {
+      'balanced_accuracy': sk_metrics.balanced_accuracy_score(y, pred),
+      'kappa': sk_metrics.cohen_kappa_score(y, pred, labels=labels,
+                                            weights='quadratic'),
+      'mse': sk_metrics.mean_squared_error(y, pred),
+      'accuracy': sk_metrics.accuracy_score(y, pred),
+      'log_loss': sk_metrics.log_loss(y, probs, labels=labels),
+  }
+  recall = sk_metrics.recall_score(y, pred, labels=labels, average=None,
+                                   zero_division=np.nan)
+  out.update({f'recall_{k}': r for k, r in enumerate(recall)})
+  if positive_from is not None:
+    positive = y >= positive_from
+    score = probs[:, positive_from:].sum(axis=1)
+    out['roc_auc'] = sk_metrics.roc_auc_score(positive, score)
+    out['average_precision'] = sk_metrics.average_precision_score(positive,
+                                                                  score)
+  return out
