@@ -106,9 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict({'name': ''})
   config.optimizer = ml_collections.ConfigDict({
       'learning_rate': 1e-4, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,
-      # Piecewise-constant learning rate: {step: scale} and {epoch: scale}
-      # (string keys), the scales multiplying.
-      'boundaries': {}, 'boundary_epochs': {}})
+      # Learning-rate factors, multiplying: piecewise constant at {step:
+      # scale} and {epoch: scale} (string keys), a linear warm-up over
+      # warmup_epochs and a cosine decay to 0 over cosine_epochs (0: none).
+      'boundaries': {}, 'boundary_epochs': {}, 'warmup_epochs': 0.0,
+      'cosine_epochs': 0.0})
   config.batch_size = 32
   config.unlabeled_batch_size = 0  # 0: same as batch_size
   config.num_epochs = 100

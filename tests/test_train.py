@@ -236,6 +236,20 @@ def _least_squares(forward, batch, key, *, epoch):
   return jnp.mean((forward(batch['x'], key) - batch['y']) ** 2), {}
 
 
+def test_warmup_and_cosine_epochs_shape_the_learning_rate():
+  cfg = ml_collections.ConfigDict({'boundary_epochs': {'8': 0.5},
+                                   'warmup_epochs': 2.0,
+                                   'cosine_epochs': 10.0})
+  scale = step_lib.epoch_lr_scale(cfg)
+  epochs = np.array([0, 0.5, 1, 2, 4, 8, 9.5, 10, 12])
+  by_hand = (np.minimum(1, epochs / 2) * np.where(epochs >= 8, 0.5, 1.0)
+             * 0.5 * (1 + np.cos(np.pi * np.clip(epochs / 10, 0, 1))))
+  np.testing.assert_allclose([float(scale(jnp.float32(e))) for e in epochs],
+                             by_hand, rtol=1e-6, atol=1e-7)
+  assert step_lib.epoch_lr_scale(ml_collections.ConfigDict(
+      {'boundary_epochs': {}})) is None
+
+
 def test_boundary_epochs_scale_the_learning_rate_from_that_epoch_on():
   cfg = ml_collections.ConfigDict({
       'learning_rate': 1e-2, 'b1': 0.9, 'b2': 0.999, 'weight_decay': 0.0,

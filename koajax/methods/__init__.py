@@ -26,6 +26,7 @@ one defined elsewhere. Adding a method is adding a module.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 import dataclasses
 import functools
@@ -56,16 +57,17 @@ class Validation:
   epoch: float
 
 
-class Method:
-  """Defaults of the method interface: the labeled stream, no state."""
+class Method(abc.ABC):
+  """The method interface, with defaults: the labeled stream, no state."""
   streams: tuple[str, ...] = ('labeled',)
 
   def init_state(self, training: TrainingData) -> Any:
     del training
     return {}
 
+  @abc.abstractmethod
   def loss(self, forward, batch, key, *, epoch, state):
-    raise NotImplementedError  # every method defines its loss
+    """(loss, aux) of one step; pure, traced inside the jitted step."""
 
   def update_state(self, state: Any, validation: Validation) -> Any:
     del validation

@@ -101,25 +101,36 @@ def make_optimizer(cfg: ml_collections.ConfigDict
 
 def epoch_lr_scale(cfg: ml_collections.ConfigDict
                    ) -> Callable[[jax.Array], jax.Array] | None:
-  """epoch -> learning-rate factor of `boundary_epochs` ({epoch: scale}):
-  the product of the scales of every boundary epoch reached (0-based, so
-  {300: 0.1} scales from the first step of epoch 300 on).
+  """epoch -> learning-rate factor, the product of:
+
+    boundary_epochs  {epoch: scale}: the scales of every boundary epoch
+                     reached (0-based, so {300: 0.1} scales from the first
+                     step of epoch 300 on);
+    warmup_epochs    a linear ramp from 0 to 1 over these epochs;
+    cosine_epochs    a cosine decay from 1 to 0 over these epochs.
 
   The step multiplies Adam's updates by it (the same as scaling the learning
   rate, weight decay included). Computed from the traced epoch rather than
   baked into a schedule in steps, one compiled step serves any epoch length:
-  the rounds of an active-learning run differ only in their labeled set.
-  None without boundaries: the step then scales nothing.
+  runs that differ only in their labeled set (rounds of labeling) share it.
+  None when none is set: the step then scales nothing.
   """
   pairs = sorted((float(e), float(s))
                  for e, s in cfg.get('boundary_epochs', {}).items())
-  if not pairs:
+  warmup = float(cfg.get('warmup_epochs', 0))
+  cosine = float(cfg.get('cosine_epochs', 0))
+  if not pairs and not warmup and not cosine:
     return None
 
   def scale(epoch: jax.Array) -> jax.Array:
     out = jnp.ones((), jnp.float32)
     for boundary, factor in pairs:
       out = jnp.where(epoch >= boundary, out * factor, out)
+    if warmup:
+      out = out * jnp.minimum(1.0, epoch / warmup)
+    if cosine:
+      t = jnp.clip(epoch / cosine, 0.0, 1.0)
+      out = out * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
     return out
 
   return scale

@@ -97,7 +97,7 @@ class Trainer:
                method: methods_lib.Method | None = None):
     """`splits` (default: made from `config.split`) and `cache` (default:
     the one `config.data` names) let a caller choose the knees, as the
-    active-learning loop does each round; `method` overrides the one
+    loop over rounds of labeling does; `method` overrides the one
     `config.method` names."""
     self.config = config
     self.workdir = Path(workdir)
