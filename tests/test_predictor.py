@@ -79,6 +79,10 @@ def test_unknown_settings_name_the_field():
   members = _members(task, (0,))
   with pytest.raises(ValueError, match='predict.tta'):
     predictor_lib.Predictor(members, task, runtime.data_mesh(8), tta='ten')
+  with pytest.raises(ValueError, match=r'predict.tta_crop must lie in '
+                     r'1..127 px for the 128 px siamese view; got 128'):
+    predictor_lib.Predictor(members, task, runtime.data_mesh(8),
+                            tta='five_crop', tta_crop=128)
   with pytest.raises(ValueError, match='predict.ensemble'):
     predictor_lib.Predictor(members, task, runtime.data_mesh(8),
                             ensemble='votes')

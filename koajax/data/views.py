@@ -128,6 +128,10 @@ def _keypoints_view(knee: dict[str, Any], roi_mm: float,
   return {'image': image, 'keypoints': keypoints}
 
 
+# The pixel size of each view at size 0 (its own).
+VIEW_PX = {'siamese': SIAMESE_PATCH_PX, 'whole': WHOLE_KNEE_PX,
+           'keypoints': KEYPOINTS_PX}
+
 VIEWS: dict[str, View] = {
     'siamese': _siamese_view,
     'whole': _whole_view,

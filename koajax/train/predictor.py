@@ -31,6 +31,7 @@ from flax import nnx
 from koajax import config_lib
 from koajax import tasks as tasks_lib
 from koajax.data import pipeline
+from koajax.data import views
 from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import step as step_lib
 
@@ -86,6 +87,11 @@ class Predictor:
     if tta not in TTA:
       raise ValueError(f'unknown predict.tta {tta!r}; choose one of '
                        f'{", ".join(TTA)}')
+    if tta == 'five_crop':
+      size = task.view_size or views.VIEW_PX[task.view]
+      if not 0 < tta_crop < size:
+        raise ValueError(f'predict.tta_crop must lie in 1..{size - 1} px for '
+                         f'the {size} px {task.view} view; got {tta_crop}')
     if ensemble not in ENSEMBLE:
       raise ValueError(f'unknown predict.ensemble {ensemble!r}; choose one '
                        f'of {", ".join(ENSEMBLE)}')
