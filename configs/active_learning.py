@@ -70,6 +70,7 @@ def get_config(arg=None):
     config.view_size = 0
     config.optimizer.update({'learning_rate': 1e-3, 'warmup_epochs': 0.0,
                              'cosine_epochs': 0.0})
+    config.log_every_steps = 10
     config.split.val_folds = 8
     # Each round goes on from the last: 8 epochs of a fresh network on 40
     # to 120 knees stay at chance.
