@@ -219,6 +219,9 @@ def test_train_step_compiles_once(data_root, tmp_path):
     trainer._train_step(trainer.state, trainer._next_batch(), trainer.step_key,
                         trainer.steps_per_epoch + 3)
   assert trainer._train_step._cache_size() == 1
+  # The four evaluations (one per epoch) share one predict program.
+  (predict,) = trainer.predictor(trainer.state)._fns
+  assert predict._cache_size() == 1
 
 
 class _Affine(nnx.Module):

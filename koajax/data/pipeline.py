@@ -221,7 +221,8 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
 def make_streams(cache: cache_lib.Cache, *,
                  labeled: Sequence[int] | np.ndarray,
                  unlabeled: Sequence[int] | np.ndarray | None = None,
-                 view: str = 'siamese', batch_size: int,
+                 view: str = 'siamese', view_size: int = 0,
+                 task: Any = None, batch_size: int,
                  unlabeled_batch_size: int | None = None, seed: int = 0,
                  num_epochs: int | None = None, worker_count: int = 0,
                  read_threads: int | None = None,
@@ -233,9 +234,10 @@ def make_streams(cache: cache_lib.Cache, *,
   `batch_size`; the unlabeled stream repeats endlessly at
   `unlabeled_batch_size` (default `batch_size`) with an independent shuffle,
   so one labeled epoch can see any number of unlabeled batches. Each stream
-  gets `worker_count` worker processes of its own.
+  gets `worker_count` worker processes of its own. With a `task`, elements
+  carry its labels.
   """
-  common = dict(view=view, sharding=sharding)
+  common = dict(view=view, view_size=view_size, task=task, sharding=sharding)
   io = dict(worker_count=worker_count, read_threads=read_threads)
   streams = {'labeled': to_iterator(knee_dataset(
       cache, labeled, batch_size=batch_size, seed=seed,

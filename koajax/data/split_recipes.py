@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from koajax.data import schema
 from koajax.data import splits as splits_lib
 
 RECIPES = ('semixup', 'kfold', 'ratio', 'held_out_site', 'active_learning')

@@ -17,6 +17,7 @@ it works on a read-only copy of a run and leaves the run byte-identical.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import copy
 import dataclasses
 import functools
 from pathlib import Path
@@ -106,6 +107,16 @@ class Predictor:
     self._fns = [jax.jit(functools.partial(
         _member_outputs, graphdef=m.graphdef, tta=tta, tta_crop=tta_crop,
         ensemble=ensemble), out_shardings=replicated) for m in self.members]
+
+  def with_weights(self, members: Sequence[Member]) -> Predictor:
+    """This predictor with other weights of the same models: the compiled
+    programs are kept (the trainer predicts at every evaluation)."""
+    if len(members) != len(self.members):
+      raise ValueError(f'{len(members)} members for a predictor of '
+                       f'{len(self.members)}')
+    other = copy.copy(self)
+    other.members = list(members)
+    return other
 
   @classmethod
   def from_runs(cls, workdirs: Sequence[str | Path], *,

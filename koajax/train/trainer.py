@@ -148,17 +148,17 @@ class Trainer:
                           method=self.method,
                           lr_scale=step_lib.epoch_lr_scale(config.optimizer)),
         donate_argnums=0)
+    self._predictor = None
     self._params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
         [jnp.isfinite(x).all() for x in jax.tree.leaves(params)])))
-    self.streams = {name: pipeline.to_iterator(pipeline.knee_dataset(
-        self.cache, getattr(self.splits, name), view=self.task.view,
-        task=self.task, view_size=self.task.view_size,
-        batch_size=batch_sizes[name],
-        # A seed far from the labeled one: Grain shuffles epoch e with seed
-        # + e, so nearby seeds would reuse the labeled stream's orders.
-        seed=config.seed if name == 'labeled' else
-        (config.seed + 2**31) % 2**32, num_epochs=None),
-        worker_count=config.data_workers) for name in streams}
+    self.streams = pipeline.make_streams(
+        self.cache, labeled=self.splits.labeled,
+        unlabeled=(self.splits.unlabeled if 'unlabeled' in streams
+                   else None),
+        view=self.task.view, view_size=self.task.view_size, task=self.task,
+        batch_size=config.batch_size,
+        unlabeled_batch_size=batch_sizes['unlabeled'], seed=config.seed,
+        num_epochs=None, worker_count=config.data_workers)
     self.ckpts = checkpoints_lib.Checkpoints(self.workdir, selection)
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run, including knees
@@ -206,10 +206,13 @@ class Trainer:
   def predictor(self, state: step_lib.TrainState) -> predictor_lib.Predictor:
     """A predictor of `state` on this run's mesh, with the config's
     prediction settings."""
-    settings = dict(self.config.get('predict', {}))
-    return predictor_lib.Predictor(
-        [predictor_lib.state_member(self.graphdef, state)], self.task,
-        self.mesh, batch_size=self.config.eval_batch_size, **settings)
+    members = [predictor_lib.state_member(self.graphdef, state)]
+    if self._predictor is None:  # compiled once, for every evaluation
+      self._predictor = predictor_lib.Predictor(
+          members, self.task, self.mesh,
+          batch_size=self.config.eval_batch_size,
+          **dict(self.config.get('predict', {})))
+    return self._predictor.with_weights(members)
 
   def predict(self, state: step_lib.TrainState, indices: np.ndarray,
               cache=None) -> dict[str, np.ndarray]:
