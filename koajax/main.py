@@ -11,6 +11,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from koajax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally FILE:preset.',
     lock_config=True)
@@ -32,8 +34,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # unused: cli.run_absl refuses positional arguments
   # koajax's own INFO messages, without the libraries' (Orbax logs every
   # file it writes).
   logging.set_verbosity(logging.WARNING)
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl('koajax.main', main)
