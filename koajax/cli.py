@@ -181,8 +181,11 @@ def _flag_message(error: BaseException) -> str:
   """One line for an error raised while parsing flags and config files."""
   if isinstance(error, AttributeError) and isinstance(error.__context__,
                                                       KeyError):
-    return (f'the config has no field {message(error.__context__)}; '
-            'check the spelling after --config.')
+    raw = str(error.__context__.args[0] if error.__context__.args else '')
+    field, _, suggestion = raw.partition('\n')
+    return (f'the config has no field {field}'
+            + (f' ({suggestion.strip()})' if suggestion.strip() else '')
+            + '; check the spelling after --config.')
   text = str(error)
   if 'Failed loading config file' in text:
     return (f'cannot load the config file {text.rsplit(": ", 1)[-1]}: it '

@@ -129,6 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.bootstrap_resamples = 1000
   config.progress_bar = True
+  # Fields of koajax.train.workdir.RESUMABLE (comma-separated) that may
+  # differ from the saved run's when resuming in its workdir (more epochs).
+  config.resume_changed = ''
+  # Whether the split's sizes may be lowered to fit the data, said in the
+  # log and config.json (koajax.train.plan): 'synthetic' (only on koajax's
+  # embedded data), 'always' or 'never'.
+  config.adapt_to_data = 'synthetic'
   return config
 
 

@@ -12,6 +12,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from koajax import cli
+from koajax import config_checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally FILE:preset.',
@@ -39,7 +40,7 @@ def main(argv):
   # file it writes).
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('koajax').setLevel(std_logging.INFO)
-  config = _CONFIG.value
+  config = config_checks.check(_CONFIG.value)
   if config.job == 'prepare_data':
     from koajax import prepare
     prepare.prepare_data(config, _WORKDIR.value)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import tqdm
 
-from koajax import config_lib
+from koajax import config_checks
 from koajax import runtime
 from koajax import tasks
 from koajax import train
@@ -48,6 +48,7 @@ from koajax.active import sweep
 from koajax.active import uncertainty
 from koajax.data import sources
 from koajax.data import split_recipes
+from koajax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,11 @@ class Loop:
       raise ValueError(f'unknown acquisition {active.acquisition!r} (config '
                        f'field active.acquisition); choose one of '
                        f'{", ".join(ACQUISITIONS)}')
+    config_checks.check(config)
     self.config = config
     self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    # Before anything is written: a workdir holds one run.
+    workdir_lib.claim(self.workdir, config)
     self.cache = runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
     self.task = tasks.from_config(config)
@@ -167,8 +170,7 @@ class Loop:
                   'when they are all labeled', active.budget,
                   len(self.candidates))
     if jax.process_index() == 0:
-      (self.workdir / config_lib.CONFIG_JSON).write_text(
-          config.to_json_best_effort(indent=1))
+      workdir_lib.write_config(self.workdir, config)
 
   def round_dir(self, r: int) -> Path:
     return self.workdir / f'round_{r:02d}'
@@ -231,7 +233,7 @@ class Loop:
                           val=self.val, test=self.test)
     trainer = train.Trainer(round_config(self.config), rdir, splits=splits,
                             cache=self.cache)
-    if active.warm_start and r > 0 and trainer.ckpt.latest_step() is None:
+    if active.warm_start and r > 0 and trainer.ckpts.latest.latest_step() is None:
       # A resumed round restores its own checkpoint instead.
       trainer.start_from(self.round_dir(r - 1))
     with jax.set_mesh(trainer.mesh):

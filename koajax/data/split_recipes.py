@@ -143,8 +143,74 @@ def make_splits(index: pd.DataFrame, cfg: ml_collections.ConfigDict | Mapping,
   return _RECIPE_FNS[recipe](index, q, **values)
 
 
+# Fields a recipe may shrink to fit a dataset smaller than the paper's
+# (`fit`), in the order they are tried: the one setting that depends on the
+# data's size, while the ratios that define the method stay the paper's.
+_SHRINKABLE = {'semixup': ('labels_per_grade', 'unlabeled_factor')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+  """A split field changed to fit the data: its value as given, as used and
+  why."""
+  field: str
+  given: Any
+  used: Any
+  why: str
+
+
+def fit(index: pd.DataFrame, cfg: ml_collections.ConfigDict | Mapping, *,
+        qualifies: np.ndarray | None = None
+        ) -> tuple[dict[str, Any], list[Adaptation]]:
+  """`cfg`'s fields, with the recipe's size settings lowered as little as
+  needed for `make_splits` to succeed on `index`, and what was changed.
+
+  Raises the recipe's ValueError when no smaller setting fits either (or the
+  failure is not about size).
+  """
+  values = dict(cfg)
+  try:
+    make_splits(index, values, qualifies=qualifies)
+    return values, []
+  except ValueError as e:
+    first_error = e
+  recipe = values.get('recipe', DEFAULT_RECIPE)
+  changes = []
+  for name in _SHRINKABLE.get(recipe, ()):
+    lo, hi = (1 if name == 'labels_per_grade' else 0), values[name] - 1
+
+    def error(v, name=name):
+      try:
+        make_splits(index, {**values, name: v}, qualifies=qualifies)
+        return None
+      except ValueError as e:
+        return e
+
+    def works(v):
+      return error(v) is None
+
+    if hi < lo or not works(lo):
+      continue
+    while lo < hi:  # the largest value that works
+      mid = (lo + hi + 1) // 2
+      lo, hi = (mid, hi) if works(mid) else (lo, mid - 1)
+    # Why: what stops the next larger value.
+    changes.append(Adaptation(f'split.{name}', values[name], lo,
+                              str(error(lo + 1)).split('; ')[0]))
+    values[name] = lo
+    return values, changes
+  raise first_error
+
+
 # --------------------------------------------------------------------------
 # Configs.
+
+
+def check(cfg: ml_collections.ConfigDict | Mapping) -> None:
+  """Raises ValueError naming the first `split.` field that cannot work."""
+  recipe = cfg.get('recipe', DEFAULT_RECIPE)
+  _check_recipe(recipe)
+  _settings(cfg, recipe)
 
 
 def _check_recipe(recipe: Any) -> None:

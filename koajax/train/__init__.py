@@ -8,6 +8,7 @@ read-only predictor.
 """
 
 from koajax.train.step import TrainState
+from koajax.train.trainer import DivergedError
 from koajax.train.trainer import NonFiniteLossError
 from koajax.train.trainer import SPLITS_NPZ
 from koajax.train.trainer import Splits

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 from pathlib import Path
+import time
 from typing import Any
 
 import jax
@@ -30,7 +31,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from koajax import config_lib
+from koajax import cli
+from koajax import config_checks
 from koajax import methods as methods_lib
 from koajax import metric_writers
 from koajax import runtime
@@ -42,7 +44,9 @@ from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import report
 from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import predictor as predictor_lib
+from koajax.train import plan as plan_lib
 from koajax.train import step as step_lib
+from koajax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,16 @@ Splits = split_recipes.Splits
 SPLITS_NPZ = 'splits.npz'
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+# When training counts as diverged (Trainer._check_diverged).
+DIVERGED_LOSS_FACTOR = 1e3
+DIVERGED_WEIGHT = 1e6
+
+
+class DivergedError(FloatingPointError):
+  """Training diverged: a non-finite or exploding loss or weights."""
+
+
+NonFiniteLossError = DivergedError  # its name before exploding losses counted
 
 
 def saved_splits(workdir: str | Path) -> Splits | None:
@@ -99,9 +111,10 @@ class Trainer:
     the one `config.data` names) let a caller choose the knees, as the
     loop over rounds of labeling does; `method` overrides the one
     `config.method` names."""
-    self.config = config
+    config_checks.check(config)
     self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    # Before anything is written: a workdir holds one run.
+    self.resuming = workdir_lib.claim(self.workdir, config)
     self.task = tasks_lib.from_config(config)
     self.method = method or methods_lib.from_config(config, self.task)
     selection = tuple(config.get('selection',
@@ -117,9 +130,12 @@ class Trainer:
             f'{", ".join(sorted(known))}')
     self.cache = cache or runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
+    qualifies = self.task.qualifies(self.cache.index)
+    if splits is None:  # a paper's sizes on smaller data: said, not silent
+      config = plan_lib.adapt(config, self.cache.index, qualifies=qualifies)
+    self.config = config
     self.splits = splits or split_recipes.make_splits(
-        self.cache.index, config.split,
-        qualifies=self.task.qualifies(self.cache.index))
+        self.cache.index, config.split, qualifies=qualifies)
     streams = self.method.streams
     unknown = set(streams) - {'labeled', 'unlabeled'}
     if unknown:
@@ -142,6 +158,11 @@ class Trainer:
         seed=config.seed))
     self.graphdef, tx, self.state = step_lib.create_state(
         config, self.task, self.init_key, method_state, self.replicated)
+    if self.steps_per_epoch == 0:
+      raise cli.BadInput(
+          f'config field batch_size={config.batch_size} is larger than the '
+          f'{len(self.splits.labeled)} labeled knees: an epoch would hold no '
+          'step; lower batch_size')
     self.total_steps = config.num_epochs * self.steps_per_epoch
     self._train_step = jax.jit(
         functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=tx,
@@ -149,8 +170,10 @@ class Trainer:
                           lr_scale=step_lib.epoch_lr_scale(config.optimizer)),
         donate_argnums=0)
     self._predictor = None
-    self._params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
-        [jnp.isfinite(x).all() for x in jax.tree.leaves(params)])))
+    # NaN anywhere makes the maximum NaN, which fails the check too.
+    self._params_max_abs = jax.jit(lambda params: jnp.max(jnp.stack(
+        [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params)])))
+    self._first_loss = None
     self.streams = pipeline.make_streams(
         self.cache, labeled=self.splits.labeled,
         unlabeled=(self.splits.unlabeled if 'unlabeled' in streams
@@ -160,11 +183,15 @@ class Trainer:
         unlabeled_batch_size=batch_sizes['unlabeled'], seed=config.seed,
         num_epochs=None, worker_count=config.data_workers)
     self.ckpts = checkpoints_lib.Checkpoints(self.workdir, selection)
+    self.plan = plan_lib.describe(
+        config, task=self.task.name, splits=self.splits, streams=streams,
+        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+        mesh_size=self.mesh.size, cache_dir=self.cache.dir)
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run, including knees
       # chosen by a caller rather than by config.split.
-      (self.workdir / config_lib.CONFIG_JSON).write_text(
-          config.to_json_best_effort(indent=1))
+      workdir_lib.write_config(self.workdir, config)
+      plan_lib.write(self.workdir, self.plan)
       tmp = self.workdir / f'{SPLITS_NPZ}.tmp.npz'
       np.savez(tmp, **dataclasses.asdict(self.splits))
       os.replace(tmp, self.workdir / SPLITS_NPZ)
@@ -237,34 +264,67 @@ class Trainer:
 
   # -- the loop ----------------------------------------------------------------
 
-  def _check_finite(self, step: int, loss: float) -> None:
-    """Stops before a non-finite loss or weights reach a checkpoint."""
-    if np.isfinite(loss) and bool(self._params_finite(self.state.params)):
+  def _check_diverged(self, step: int, loss: float) -> None:
+    """Stops before a diverged state reaches a checkpoint or a report: a
+    non-finite loss, a loss DIVERGED_LOSS_FACTOR times the first step's, or
+    weights beyond DIVERGED_WEIGHT (an Adam run at learning rate 1e6 trained
+    on at a loss of 5e7 with finite weights)."""
+    if self._first_loss is None:
+      self._first_loss = loss
+    largest = float(self._params_max_abs(self.state.params))
+    limit = DIVERGED_LOSS_FACTOR * max(abs(self._first_loss), 1.0)
+    if np.isfinite(loss) and loss <= limit and largest <= DIVERGED_WEIGHT:
       return
-    raise NonFiniteLossError(
-        f'training diverged at step {step} (loss {loss}, or non-finite '
-        f'weights); stopping. The last good checkpoint (step '
-        f'{self.ckpts.latest.latest_step()}) is kept in '
-        f'{self.ckpts.latest.directory}. Lower optimizer.learning_rate or '
-        'check the data.')
+    why = (f'loss {loss:.4g}' if not np.isfinite(loss) or loss > limit else
+           f'a weight of magnitude {largest:.3g}')
+    if not np.isfinite(self._first_loss):
+      why += ' from the first step'
+    elif np.isfinite(loss) and loss > limit:
+      why += f', {DIVERGED_LOSS_FACTOR:g}x above the first step\'s ' \
+             f'{self._first_loss:.4g}'
+    kept = self.ckpts.latest.latest_step()
+    if kept is None:
+      saved = ('no checkpoint had been saved yet (the first is saved at the '
+               'first evaluation)')
+    else:
+      saved = (f'the last good checkpoint (step {kept}) is kept in '
+               f'{self.ckpts.latest.directory}')
+    raise DivergedError(
+        f'training diverged at step {step} ({why}); stopped without a '
+        f'report, {saved}. Lower optimizer.learning_rate (in a new '
+        '--workdir) or check the data')
 
   def train(self) -> None:
     cfg = self.config
-    writer = metric_writers.MetricWriter(self.workdir,
-                                         enabled=jax.process_index() == 0)
     step = self.restore()
+    # Steps logged after the checkpoint resumed from are logged again.
+    writer = metric_writers.MetricWriter(self.workdir, start_step=step,
+                                         enabled=jax.process_index() == 0)
     eval_every = cfg.eval_every_epochs * self.steps_per_epoch
     bar = tqdm.tqdm(total=self.total_steps, initial=step, unit='step',
                     disable=jax.process_index() != 0 or not cfg.progress_bar)
+    if jax.process_index() == 0:
+      plan_lib.log_plan(self.plan)
+    first, timed_from = step + 1, None
     while step < self.total_steps:
       self.state, metrics = self._train_step(
           self.state, self._next_batch(), self.step_key, self.steps_per_epoch)
       step += 1
       bar.update()
+      if step in (first, first + plan_lib.TIMED_STEPS):
+        # The first step compiles; the next ones time the estimate.
+        jax.block_until_ready(metrics)
+        if timed_from is None:
+          timed_from = time.perf_counter()
+        else:
+          self.plan = plan_lib.estimate(
+              self.plan, (time.perf_counter() - timed_from) /
+              plan_lib.TIMED_STEPS, self.total_steps - step)
+          plan_lib.write(self.workdir, self.plan)
       if step % cfg.log_every_steps == 0 or step % eval_every == 0 \
-          or step == self.total_steps:
+          or step == self.total_steps or self._first_loss is None:
         pending = jax.device_get(metrics)
-        self._check_finite(step, pending['loss'])
+        self._check_diverged(step, float(pending['loss']))
         scalars = {f'train/{k}': float(v) for k, v in pending.items()}
         scalars['train/epoch'] = step / self.steps_per_epoch
         writer.write_scalars(step, scalars)
@@ -276,6 +336,10 @@ class Trainer:
         self.ckpts.save(step, self.state, self.streams)
     bar.close()
     writer.close()
+
+  def close(self) -> None:
+    """Lets other processes use the workdir."""
+    workdir_lib.release(self.workdir)
 
   def split_indices(self, split: str) -> np.ndarray:
     return split_indices(self.splits, split)
@@ -296,16 +360,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains, then reports on the test split; returns metrics.json's content
   (None on processes other than 0)."""
   trainer = Trainer(config, workdir)
-  log.info('%s on %s: %d labeled, %d unlabeled, %d val, %d test knees; '
-           '%d steps of %d', config.method, trainer.task.name,
-           len(trainer.splits.labeled),
-           len(trainer.splits.unlabeled)
-           if 'unlabeled' in trainer.method.streams else 0,
-           len(trainer.splits.val), len(trainer.splits.test),
-           trainer.total_steps, config.batch_size)
-  with jax.set_mesh(trainer.mesh):
-    trainer.train()
-    result = trainer.test()
+  try:
+    with jax.set_mesh(trainer.mesh):
+      trainer.train()
+      result = trainer.test()
+  finally:
+    trainer.close()
   if result is None:
     return None
   print(f'{config.method} test: {report.headline(result)}; '
