@@ -81,6 +81,17 @@ class RoundSets:
     return np.sort(np.concatenate([self.unlabeled, self.pool]))
 
 
+def candidates(split: split_recipes.Splits, active: ml_collections.ConfigDict,
+               *, seed: int) -> np.ndarray:
+  """The knees that may be labeled: the split's labeled set, or
+  `active.pool_size` of them drawn at random."""
+  rows = split.labeled
+  if 0 < active.pool_size < len(rows):
+    rows = np.sort(np.random.default_rng(seed).choice(
+        rows, active.pool_size, replace=False))
+  return rows
+
+
 def initial_sets(candidates: np.ndarray, *, n_init: int, consistency: bool,
                  seed: int) -> RoundSets:
   """n_init random labeled knees; with consistency as many random U knees
@@ -160,11 +171,8 @@ class Loop:
     split = split_recipes.make_splits(
         self.cache.index, config.split,
         qualifies=self.task.qualifies(self.cache.index))
-    self.candidates, self.val, self.test = split.labeled, split.val, split.test
-    if 0 < active.pool_size < len(self.candidates):
-      rng = np.random.default_rng(config.seed)
-      self.candidates = np.sort(rng.choice(self.candidates, active.pool_size,
-                                           replace=False))
+    self.candidates = candidates(split, active, seed=config.seed)
+    self.val, self.test = split.val, split.test
     if active.budget > len(self.candidates):
       log.warning('budget %d exceeds the %d candidate knees; the loop stops '
                   'when they are all labeled', active.budget,
