@@ -158,6 +158,11 @@ def run_absl(program: str, main: Callable[[list[str]], Any]) -> None:
         if type(value).__name__ == '_ErrorConfig':
           value.job  # pylint: disable=pointless-statement
       return rest
+    except SystemExit:  # --help and friends print, then exit 0 (absl: 1)
+      if set(argv) & {'--help', '-h', '-?', '--helpfull', '--helpshort',
+                      '--helpxml'}:
+        sys.exit(OK)
+      raise
     except BaseException as e:  # pylint: disable=broad-except
       # Everything here is the command line's fault: an unknown flag or
       # config field, a bad value, a config file that refused its values.
