@@ -1,7 +1,9 @@
 """Reads and checks the manifest CSV and the landmarks CSV (see `schema`).
 
-A damaged file is fatal only when it cannot be interpreted at all (it is
-missing, or lacks required columns). Otherwise every row is checked on its
+A damaged file is fatal only when it cannot be interpreted at all: it is
+missing, empty, has no rows, is not UTF-8 text, uses another delimiter than
+the comma, or lacks required columns (`ManifestError`, a `cli.BadInput`
+whose one line names the file and what to do). Otherwise every row is checked on its
 own, and a row with a problem is marked, not dropped, so the build can report
 each one by its row number and still use the rest:
 
@@ -15,6 +17,7 @@ knee is row 2.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from koajax import cli
 from koajax.data import schema
 
 log = logging.getLogger(__name__)
@@ -32,28 +36,91 @@ KneeKey = tuple[str, int, str]  # (subject_id, visit, side)
 ROW = 'row'  # spreadsheet row number
 PROBLEM = 'problem'  # '' when the row is usable, else why it is not
 PROBLEM_KIND = 'problem_kind'  # category of the first problem, for counting
+# The path cell as the manifest wrote it, for messages: `path` is resolved
+# against the manifest's folder for reading, which would show the folders
+# above the manifest.
+PATH_AS_WRITTEN = 'path_in_manifest'
 
 
-class ManifestError(ValueError):
+class ManifestError(cli.BadInput):
   """A manifest or landmarks file that cannot be read at all."""
+
+
+# Other delimiters spreadsheets write, and how to name them.
+_OTHER_DELIMITERS = {';': "';'", '\t': 'tabs', '|': "'|'"}
+
+
+def read_csv_text(path: str | os.PathLike, what: str, *,
+                  error: type[Exception] = ManifestError) -> str:
+  """The text of a comma-separated file, or `error` saying in one line why
+  it is not one: missing, a folder, empty, not UTF-8, or another delimiter.
+
+  Args:
+    path: the file, named in messages as given.
+    what: what the file is, for messages ('manifest', 'landmarks', ...).
+    error: the exception type to raise.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise error(f'{what} file not found: {path}')
+  if not path.is_file():
+    raise error(f'{what} file {path} is a folder, not a CSV file')
+  data = path.read_bytes()
+  if not data.strip():
+    raise error(f'{path} is empty; a {what} file has a header line of '
+                'column names and one row per line')
+  if data.startswith((b'\xff\xfe', b'\xfe\xff')):
+    raise error(f'{path} is UTF-16 text ("Unicode text" in spreadsheets): '
+                'save it as CSV UTF-8')
+  try:
+    text = data.decode('utf-8-sig')  # spreadsheets often write a BOM
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    raise error(f'{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at '
+                f'offset {e.start}, line {line}): save it as UTF-8') from None
+  header = next(line for line in text.splitlines() if line.strip())
+  counts = {d: header.count(d) for d in _OTHER_DELIMITERS}
+  other = max(counts, key=counts.get)
+  if counts[other] > header.count(','):
+    raise error(f'{path} uses {_OTHER_DELIMITERS[other]} as its delimiter; '
+                f'koajax reads comma-separated files: save it with commas')
+  return text
+
+
+def read_csv(path: str | os.PathLike, what: str,
+             required: tuple[str, ...] = (), *,
+             error: type[Exception] = ManifestError, see: str = '',
+             **read_kwargs) -> pd.DataFrame:
+  """A comma-separated file as a DataFrame (see `read_csv_text`), with
+  stripped column names; `error` if it lacks any `required` column (`see`:
+  where its columns are described) or rows do not parse."""
+  path = Path(path)
+  text = read_csv_text(path, what, error=error)
+  try:
+    df = pd.read_csv(io.StringIO(text), **read_kwargs)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    raise error(f'{path} is not a well-formed CSV file '
+                f'({" ".join(str(e).split())}); every row needs as many '
+                'fields as the header') from None
+  df.columns = [str(c).strip() for c in df.columns]
+  missing = [c for c in required if c not in df.columns]
+  if missing:
+    raise error(
+        f'{path}: missing column(s) {_columns_text(missing)}; a {what} file '
+        f'has columns {_columns_text(required)}' +
+        (f' (see {see})' if see else ''))
+  return df
 
 
 def _read_csv(path: str | os.PathLike, required: tuple[str, ...],
               what: str) -> pd.DataFrame:
-  path = Path(path)
-  if not path.is_file():
-    raise ManifestError(f'{what} file not found: {path}')
   # Everything as text: subject ids keep leading zeros, and cells are
   # interpreted (and complained about) one by one below.
-  # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
-  df = pd.read_csv(path, dtype=str, keep_default_na=False,
-                   skipinitialspace=True, encoding='utf-8-sig')
-  df.columns = [c.strip() for c in df.columns]
-  missing = [c for c in required if c not in df.columns]
-  if missing:
-    raise ManifestError(
-        f'{path}: missing column(s) {_columns_text(missing)}; a {what} file '
-        f'has columns {_columns_text(required)} (see koajax/data/schema.py)')
+  df = read_csv(path, what, required, see='koajax/data/schema.py', dtype=str,
+                keep_default_na=False, skipinitialspace=True)
+  if not len(df):
+    raise ManifestError(f'{path} has a header but no rows; a {what} file '
+                        'lists one knee per row')
   return df
 
 
@@ -75,19 +142,20 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     One row per manifest row, in file order, with typed columns
     (subject_id str, visit int or -1 if unparsable, side 'R'/'L', site str,
     path str resolved against the manifest's folder, grades int with -1 for
-    ungraded) plus `row` (spreadsheet row number) and `problem` ('' if the
-    row is usable).
+    ungraded) plus `row` (spreadsheet row number), `path_in_manifest` (the
+    path cell as written) and `problem` ('' if the row is usable).
 
   Raises:
-    ManifestError: the file is missing or lacks required columns.
+    ManifestError: the file is missing, empty, not comma-separated UTF-8
+      text, has no rows or lacks required columns.
   """
   path = Path(path)
   df = _read_csv(path, schema.MANIFEST_COLUMNS, 'manifest')
   df = df[list(schema.MANIFEST_COLUMNS)].copy()
   df.insert(0, ROW, np.arange(len(df)) + 2)
   folder = path.parent
-  df['path'] = [str(folder / p.strip()) if p.strip() else ''
-                for p in df['path']]
+  df[PATH_AS_WRITTEN] = [p.strip() for p in df['path']]
+  df['path'] = [str(folder / p) if p else '' for p in df[PATH_AS_WRITTEN]]
   return validate_manifest(df)
 
 
@@ -161,6 +229,8 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
   df['side'] = df['side'].astype(str).str.strip().str.upper()
   df['site'] = df['site'].fillna('').astype(str).str.strip()
   df['path'] = df['path'].fillna('').astype(str)
+  if PATH_AS_WRITTEN not in df.columns:
+    df[PATH_AS_WRITTEN] = df['path']
   for column in parsed.columns:
     df[column] = parsed[column].astype(int)
   df[PROBLEM] = ['; '.join(message for _, message in p) for p in problems]
@@ -186,12 +256,14 @@ def _mark_duplicates(df: pd.DataFrame) -> None:
       df.at[i, PROBLEM_KIND] = df.at[i, PROBLEM_KIND] or 'duplicate'
 
 
-def read_landmarks(path: str | os.PathLike) -> dict[KneeKey, np.ndarray]:
+def read_landmarks(path: str | os.PathLike, *, shown: str | None = None
+                   ) -> dict[KneeKey, np.ndarray]:
   """Reads the landmarks CSV.
 
   Args:
     path: CSV with columns `schema.LANDMARK_COLUMNS` (x, y in pixels of the
       image file the manifest names).
+    shown: how log messages name the file (default: `path` as given).
 
   Returns:
     {(subject_id, visit, side): (16, 2) float64 array of (x, y)}. Cells that
@@ -200,7 +272,8 @@ def read_landmarks(path: str | os.PathLike) -> dict[KneeKey, np.ndarray]:
     row (a warning names both).
 
   Raises:
-    ManifestError: the file is missing or lacks required columns.
+    ManifestError: the file is missing, empty, not comma-separated UTF-8
+      text, has no rows or lacks required columns.
   """
   path = Path(path)
   df = _read_csv(path, schema.LANDMARK_COLUMNS, 'landmarks')
@@ -216,7 +289,7 @@ def read_landmarks(path: str | os.PathLike) -> dict[KneeKey, np.ndarray]:
            side.strip().upper())
     if key in out:
       log.warning('%s row %d repeats the landmarks of row %d; using row %d',
-                  path, i + 2, first_row[key], first_row[key])
+                  shown or path, i + 2, first_row[key], first_row[key])
       continue
     out[key] = coords[i]
     first_row[key] = i + 2
