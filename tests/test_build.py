@@ -13,6 +13,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from koajax import cli
 from koajax.data import build
 from koajax.data import cache
 from koajax.data import manifest as manifest_lib
@@ -139,6 +140,7 @@ def test_manifest_validation(mixed):
   good = df[df.row == 2].iloc[0]
   assert good.kl == 2 and good.ost_fm == schema.UNGRADED
   assert Path(good.path) == mixed.parent / 'good1.dcm'
+  assert good.path_in_manifest == 'good1.dcm'  # as written, for messages
 
 
 def test_missing_columns_are_fatal(tmp_path):
@@ -227,13 +229,17 @@ def test_parallel_matches_serial(mixed, tmp_path):
       assert a == b
 
 
-def test_strict_and_nothing_built(mixed, tmp_path, caplog):
+def test_strict_and_nothing_built(mixed, tmp_path, capsys):
   out = tmp_path / 'strict'
   args = [f'--manifest={mixed}', f'--out={out}', '--roi_mm=100',
           '--roi_px=48', '--workers=1']
-  assert build.main(args + ['--strict']) == 1
+  assert build.main(args + ['--strict']) == cli.FAILED
   assert not cache.is_complete(out)
   assert json.loads((out / cache.SUMMARY).read_text())['knees_built'] == 7
+  err = capsys.readouterr().err
+  assert (f'koajax.data.build: failed: knees were skipped and --strict is '
+          f'set (7 built, 17 skipped: bad_grade 1,') in err
+  assert f'listed in summary.json in {out}\n' in err
 
   # Only bad rows: nothing to build, non-zero exit, no cache.
   df = pd.read_csv(mixed, dtype=str, keep_default_na=False)
@@ -242,14 +248,32 @@ def test_strict_and_nothing_built(mixed, tmp_path, caplog):
   out2 = tmp_path / 'none'
   assert build.main([f'--manifest={bad}', f'--out={out2}',
                      f'--landmarks={mixed.parent / "landmarks.csv"}',
-                     '--workers=1']) == 1
+                     '--workers=1']) == cli.FAILED
   assert not cache.is_complete(out2)
-  assert 'no knee could be built' in caplog.text
+  assert 'failed: no knee could be built (0 built, 6 skipped' in (
+      capsys.readouterr().err)
 
-  # An unreadable manifest is fatal before anything is touched.
-  assert build.main([f'--manifest={tmp_path / "nope.csv"}',
-                     f'--out={out2}']) == 2
-  assert not _leaks(caplog.text.encode())
+  # A failed rebuild leaves a complete cache as it was and says where its
+  # summary went.
+  assert build.main(args) == cli.OK
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert build.main(args + ['--strict']) == cli.FAILED
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  err = capsys.readouterr().err
+  assert f'the cache in {out} is as it was' in err
+  elsewhere = Path(err.split('listed in ')[1].split(';')[0])
+  assert json.loads(elsewhere.read_text())['knees_skipped'] == 17
+  elsewhere.unlink()
+
+  # An unreadable manifest is fatal before anything is touched: one line,
+  # exit 2 through koajax.cli.
+  nope = tmp_path / 'nope.csv'
+  assert cli.call('koajax.data.build', build.main,
+                  [f'--manifest={nope}', f'--out={out2}']) == cli.BAD_INPUT
+  err = capsys.readouterr().err
+  assert err.startswith(
+      f'koajax.data.build: error: manifest file not found: {nope} (')
+  assert len(err.splitlines()) == 1 and not _leaks(err.encode())
 
 
 def test_missing_landmarks_file_is_fatal(mixed, tmp_path):
@@ -257,12 +281,19 @@ def test_missing_landmarks_file_is_fatal(mixed, tmp_path):
     build.build_cache(mixed, tmp_path / 'c', landmarks=tmp_path / 'x.csv',
                       workers=1, **ROI)
   assert not (tmp_path / 'c').exists()
+  assert not list(tmp_path.iterdir())
 
 
-def test_interrupted_build_leaves_no_cache(mixed, tmp_path, monkeypatch):
+def _tree(folder: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes()
+          for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_interrupted_build_leaves_the_old_cache(mixed, tmp_path, monkeypatch):
   out = tmp_path / 'cache'
   build.build_cache(mixed, out, workers=1, **ROI)
   assert len(cache.open_cache(out)) == 7
+  before = _tree(out)
 
   calls = []
   real = preprocess.extract_roi
@@ -276,17 +307,17 @@ def test_interrupted_build_leaves_no_cache(mixed, tmp_path, monkeypatch):
   monkeypatch.setattr(preprocess, 'extract_roi', crash_on_third)
   with pytest.raises(KeyboardInterrupt):
     build.build_cache(mixed, out, workers=1, **{**ROI, 'roi_px': 32})
-  # The old cache is gone rather than half-replaced, and nothing is left
-  # half-written.
-  assert not cache.is_complete(out)
-  with pytest.raises(cache.IncompleteCacheError):
-    cache.open_cache(out)
-  assert not [p for p in out.iterdir() if '.tmp-' in p.name]
+  # The old cache is still there, byte for byte, and nothing half-written
+  # is left beside it.
+  assert _tree(out) == before
+  assert cache.open_cache(out).meta['roi_px'] == ROI['roi_px']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['cache']
 
   monkeypatch.setattr(preprocess, 'extract_roi', real)
   build.build_cache(mixed, out, workers=1, **{**ROI, 'roi_px': 32})
   c = cache.open_cache(out)
   assert c.meta['roi_px'] == 32 and c[0]['image'].shape == (32, 32)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['cache']
 
 
 def test_synthetic_dataset(tmp_path):

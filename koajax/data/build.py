@@ -1,7 +1,8 @@
 """Builds the knee cache from a manifest of DICOM radiographs.
 
   python -m koajax.data.build --manifest=PATH --out=DIR \\
-      [--landmarks=PATH] [--roi_mm=140] [--roi_px=400] [--workers=N] [--strict]
+      [--landmarks=PATH] [--roi_mm=140] [--roi_px=400] [--workers=N] \\
+      [--strict] [--redact_paths]
 
 Each radiograph is read once for all its knees (a bilateral film has two),
 files are processed in parallel, and the cache lists knees in a fixed order:
@@ -9,11 +10,17 @@ files by their first row in the manifest, then knees in manifest order.
 
 Nothing unusable stops the build: every manifest row or file that cannot be
 used is logged on one line, named with its reason, and listed in
-DIR/summary.json with per-reason counts. The build fails (`BuildError`, exit
-status 1) only when no knee could be built, or, with --strict, when anything
-was skipped; a failed build leaves no cache that `cache.open_cache` accepts.
-Unreadable manifest or landmarks files are fatal before anything is touched
-(exit status 2), so an existing cache survives them.
+DIR/summary.json with per-reason counts. Files are named as the manifest
+writes them (not resolved against its folder), or, with --redact_paths, not
+at all: knees are then named by id only, in logs and summary.json alike.
+
+Exit status (`koajax.cli`): 0 built; 1 no knee could be built, or, with
+--strict, something was skipped (`BuildError`; no cache is written and what
+was in DIR stays as it was); 2 bad input: an unreadable manifest or landmarks
+file, or a DIR holding anything but a koajax cache, refused before anything
+is written; 130 interrupted. The cache is made beside DIR and replaces it in
+one step (`cache.CacheWriter`), so a build that fails or is killed, even with
+kill -9, leaves DIR as it was; the next build removes its partial folder.
 
 `iter_knees` is the build without the writing, for other dataset writers.
 """
@@ -24,7 +31,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import multiprocessing
 import os
@@ -39,6 +45,7 @@ import pandas as pd
 import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
+from koajax import cli
 from koajax.data import cache
 from koajax.data import dicom_io
 from koajax.data import manifest as manifest_lib
@@ -47,6 +54,7 @@ from koajax.data import schema
 
 log = logging.getLogger(__name__)
 
+PROGRAM = 'koajax.data.build'
 LANDMARKS_NAME = 'landmarks.csv'  # default, beside the manifest
 
 
@@ -55,7 +63,8 @@ class Skipped:
   """An input that was not built, and why.
 
   Attributes:
-    where: the file path, or 'manifest row N (subject, visit, side)'.
+    where: the file path as the manifest writes it (the knee ids when paths
+      are redacted), or 'manifest row N (subject, visit, side)'.
     reason: what is wrong, in words a user can act on.
     kind: short category for counting ('missing_file', 'no_landmarks', ...).
     knees: ids of the knees lost (two for an unusable bilateral film).
@@ -102,8 +111,14 @@ class _KneeTask:
 
 @dataclasses.dataclass(frozen=True)
 class _FileTask:
-  path: str
+  path: str  # where to read it
   knees: tuple[_KneeTask, ...]
+  shown: str = ''  # how messages name it: as written, or by its knees
+  redacted: bool = False  # `shown` names the knees, not the file
+
+  @property
+  def label(self) -> str:
+    return self.shown or self.path
 
 
 def _row_label(row: int, subject_id: str, visit: int, side: str) -> str:
@@ -138,23 +153,29 @@ def _process_file(task: _FileTask, *, roi_mm: float,
   try:
     image, spacing = dicom_io.read_radiograph(task.path)
   except dicom_io.InputError as e:
-    return [Skipped(task.path, e.reason, e.kind, ids)]
+    return [Skipped(task.label, e.reason, e.kind, ids)]
   except Exception as e:  # pylint: disable=broad-except
     # One odd file must not end a build of thousands; it is reported instead.
-    return [Skipped(task.path, _one_line(
-        f'unexpected error reading the file: {type(e).__name__}: {e}'),
-                    'unexpected', ids)]
+    # The message may quote the path as it was read.
+    text = f'{type(e).__name__}: {e}'.replace(
+        task.path, 'the file' if task.redacted else task.label)
+    return [Skipped(task.label, _one_line(
+        f'unexpected error reading the file: {text}'), 'unexpected', ids)]
   background = preprocess.background_level(image)
-  return [_extract(knee, task.path, image, spacing, background,
+  # The knee's messages name its file unless the file is named by its knees.
+  named = '' if task.redacted else task.label
+  return [_extract(knee, named, image, spacing, background,
                    roi_mm=roi_mm, roi_px=roi_px) for knee in task.knees]
 
 
 def _extract(knee: _KneeTask, path: str, image: np.ndarray,
              spacing: tuple[float, float], background: float, *,
              roi_mm: float, roi_px: int) -> cache.Knee | Skipped:
+  """`path`: how messages name the file, '' for not at all."""
+  suffix = f' ({path})' if path else ''
   problem = _landmark_problem(knee.landmarks, image.shape)
   if problem:
-    return Skipped(knee.where, f'{problem} ({path})', 'bad_landmarks',
+    return Skipped(knee.where, f'{problem}{suffix}', 'bad_landmarks',
                    (knee.knee_id,))
   try:
     roi, keypoints = preprocess.extract_roi(
@@ -165,7 +186,7 @@ def _extract(knee: _KneeTask, path: str, image: np.ndarray,
     # unexpected but still costs one knee, not the build.
     known = isinstance(e, ValueError)
     reason = str(e) if known else f'unexpected error: {type(e).__name__}: {e}'
-    return Skipped(knee.where, _one_line(f'{reason} ({path})'),
+    return Skipped(knee.where, _one_line(f'{reason}{suffix}'),
                    'preprocessing' if known else 'unexpected', (knee.knee_id,))
   return cache.Knee(
       subject_id=knee.subject_id, visit=knee.visit, side=knee.side,
@@ -173,12 +194,18 @@ def _extract(knee: _KneeTask, path: str, image: np.ndarray,
       grades=np.asarray(knee.grades, np.int8))
 
 
+def _knees_label(ids: Sequence[str]) -> str:
+  return ('knee ' if len(ids) == 1 else 'knees ') + ', '.join(ids)
+
+
 def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
                                                 np.ndarray],
-          landmarks_name: str) -> tuple[list[Skipped], list[_FileTask]]:
+          landmarks_name: str, redact_paths: bool = False
+          ) -> tuple[list[Skipped], list[_FileTask]]:
   """Row-level skips, and the files to read with their knees."""
   skipped: list[Skipped] = []
   by_path: dict[str, list[_KneeTask]] = {}
+  written: dict[str, str] = {}
   for r in df.itertuples(index=False):
     label = _row_label(r.row, r.subject_id, r.visit, r.side)
     knee_ids = ((schema.knee_id(r.subject_id, r.visit, r.side),)
@@ -193,11 +220,17 @@ def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
           label, f'no landmarks for this knee; add it to {landmarks_name}',
           'no_landmarks', knee_ids))
       continue
-    by_path.setdefault(os.path.normpath(r.path), []).append(_KneeTask(
+    path = os.path.normpath(r.path)
+    written.setdefault(path, getattr(r, manifest_lib.PATH_AS_WRITTEN))
+    by_path.setdefault(path, []).append(_KneeTask(
         row=r.row, subject_id=r.subject_id, visit=r.visit, side=r.side,
         site=r.site, grades=tuple(getattr(r, g) for g in schema.GRADES),
         landmarks=np.asarray(points, np.float64)))
-  tasks = [_FileTask(path, tuple(knees)) for path, knees in by_path.items()]
+  tasks = []
+  for path, knees in by_path.items():
+    shown = (_knees_label([k.knee_id for k in knees]) if redact_paths
+             else written[path])
+    tasks.append(_FileTask(path, tuple(knees), shown, redact_paths))
   return skipped, tasks
 
 
@@ -233,6 +266,7 @@ def iter_knees(
     roi_px: int = 400,
     workers: int | None = None,
     landmarks_name: str = LANDMARKS_NAME,
+    redact_paths: bool = False,
 ) -> Iterator[cache.Knee | Skipped]:
   """Preprocesses every knee of a manifest.
 
@@ -245,6 +279,7 @@ def iter_knees(
     roi_px: ROI side in pixels.
     workers: processes; None = all cores, 1 = in this process.
     landmarks_name: how to name the landmarks file in messages.
+    redact_paths: name files by their knees' ids, never by path.
 
   Yields:
     First a `Skipped` for every unusable manifest row, then per file (in
@@ -255,17 +290,11 @@ def iter_knees(
   df = manifest_df
   if manifest_lib.PROBLEM not in df.columns:
     df = manifest_lib.validate_manifest(df)
-  skipped, tasks = _plan(df, landmarks, landmarks_name)
+  skipped, tasks = _plan(df, landmarks, landmarks_name, redact_paths)
   yield from skipped
   work = functools.partial(_process_file, roi_mm=roi_mm, roi_px=roi_px)
   for results in _run(tasks, work, workers or default_workers()):
     yield from results
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  tmp.write_text(json.dumps(data, indent=2) + '\n')
-  os.replace(tmp, path)
 
 
 def _summary(skipped: list[Skipped], built: int, total: int,
@@ -294,40 +323,49 @@ def build_cache(
     roi_px: int = 400,
     workers: int | None = None,
     strict: bool = False,
+    redact_paths: bool = False,
 ) -> dict[str, Any]:
   """Builds a cache from a manifest; see the module docstring.
 
   Args:
     manifest: the manifest CSV (`schema`).
-    out_dir: the cache directory (created; a previous cache there is
-      replaced).
+    out_dir: the cache directory: new, empty, or a koajax cache, which is
+      replaced in one step when the new one is complete.
     landmarks: the landmarks CSV; default landmarks.csv beside the manifest.
     roi_mm: ROI side in millimetres.
     roi_px: ROI side in pixels.
     workers: processes; None = all cores.
     strict: fail if anything at all is skipped.
+    redact_paths: name knees by id only: no file path in logs or the
+      summary.
 
   Returns:
     The summary also written to out_dir/summary.json.
 
   Raises:
-    manifest.ManifestError: the manifest or landmarks file is unreadable
-      (nothing in out_dir is touched).
+    cli.BadInput: the manifest or landmarks file is unreadable
+      (`manifest.ManifestError`), out_dir holds anything but a koajax cache,
+      or an option is out of range; nothing has been written.
     BuildError: nothing was built, or `strict` and something was skipped;
-      out_dir then holds summary.json but no complete cache.
+      no cache was written, and a cache that was in out_dir is as it was.
   """
   start = time.perf_counter()
   manifest = Path(manifest)
   landmarks = Path(landmarks) if landmarks else manifest.with_name(
       LANDMARKS_NAME)
-  df = manifest_lib.read_manifest(manifest)
-  points = manifest_lib.read_landmarks(landmarks)
   out_dir = Path(out_dir)
+  _check_options(roi_mm=roi_mm, roi_px=roi_px, workers=workers)
+  cache.check_output_dir(out_dir, 'the cache')
+  df = manifest_lib.read_manifest(manifest)
+  points = manifest_lib.read_landmarks(
+      landmarks, shown='the landmarks file' if redact_paths else None)
   writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px)
+  where = 'the cache folder' if redact_paths else str(out_dir)
   skipped: list[Skipped] = []
   try:
     items = iter_knees(df, points, roi_mm=roi_mm, roi_px=roi_px,
-                       workers=workers, landmarks_name=landmarks.name)
+                       workers=workers, landmarks_name=landmarks.name,
+                       redact_paths=redact_paths)
     with tqdm_logging.logging_redirect_tqdm(), tqdm.tqdm(
         total=len(df), unit='knee', desc='building', disable=None) as bar:
       for item in items:
@@ -338,24 +376,41 @@ def build_cache(
         else:
           writer.add(item)
           bar.update(1)
-  except BaseException:
+  except BaseException as e:
     writer.abort()
+    if isinstance(e, KeyboardInterrupt):
+      log.error('interrupted: no cache was written, %s is as it was', where)
     raise
+  files = ({'paths_redacted': True} if redact_paths else
+           {'manifest': str(manifest), 'landmarks': str(landmarks)})
   summary = _summary(skipped, len(writer), len(df),
-                     time.perf_counter() - start, manifest=str(manifest),
-                     landmarks=str(landmarks), roi_mm=float(roi_mm),
-                     roi_px=int(roi_px))
+                     time.perf_counter() - start, **files,
+                     roi_mm=float(roi_mm), roi_px=int(roi_px))
   failure = ('no knee could be built' if not len(writer) else
              'knees were skipped and --strict is set' if strict and skipped
              else '')
   if failure:
-    writer.abort()
-    _write_json(out_dir / cache.SUMMARY, summary)
-    raise BuildError(
-        f'{failure} ({_counts_text(summary)}); no cache was written, see '
-        f'{out_dir / cache.SUMMARY}', summary)
+    written = writer.fail(summary)
+    if written.parent == out_dir:
+      shown = f'summary.json in {where}'
+    else:
+      shown = f'{written}; the cache in {where} is as it was'
+    raise BuildError(f'{failure} ({_counts_text(summary)}); no cache was '
+                     f'written, the skipped inputs are listed in {shown}',
+                     summary)
   writer.close(summary=summary)
   return summary
+
+
+def _check_options(*, roi_mm: float, roi_px: int,
+                   workers: int | None) -> None:
+  if not (np.isfinite(roi_mm) and roi_mm > 0):
+    raise cli.BadInput(f'--roi_mm={roi_mm:g}: give the ROI side in mm, > 0')
+  if roi_px < 8:
+    raise cli.BadInput(f'--roi_px={roi_px}: give the ROI side in pixels, '
+                       '>= 8')
+  if workers is not None and workers < 1:
+    raise cli.BadInput(f'--workers={workers}: give 1 or more processes')
 
 
 def _counts_text(summary: dict[str, Any]) -> str:
@@ -367,10 +422,12 @@ def _counts_text(summary: dict[str, Any]) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m koajax.data.build',
+      prog=f'python -m {PROGRAM}',
       description='Preprocess the knees of a DICOM manifest into a cache.')
   parser.add_argument('--manifest', required=True, help='manifest CSV')
-  parser.add_argument('--out', required=True, help='cache directory')
+  parser.add_argument('--out', required=True,
+                      help='cache directory: new, empty, or a koajax cache '
+                      'to replace')
   parser.add_argument('--landmarks', default=None,
                       help='landmarks CSV (default: landmarks.csv beside the '
                       'manifest)')
@@ -380,31 +437,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='processes (default: all cores)')
   parser.add_argument('--strict', action='store_true',
                       help='fail (no cache, exit 1) if anything is skipped')
+  parser.add_argument('--redact_paths', action='store_true',
+                      help='name knees by id only: no file paths in logs or '
+                      'summary.json')
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; returns its exit status (0 built, 1 `BuildError`).
+
+  Bad input raises `cli.BadInput` (status 2 through `cli.run`).
+  """
   args = _parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   try:
     summary = build_cache(
         args.manifest, args.out, landmarks=args.landmarks,
         roi_mm=args.roi_mm, roi_px=args.roi_px, workers=args.workers,
-        strict=args.strict)
-  except manifest_lib.ManifestError as e:
-    log.error('%s', e)
-    return 2
+        strict=args.strict, redact_paths=args.redact_paths)
   except BuildError as e:
-    log.error('%s', e)
-    return 1
-  except KeyboardInterrupt:
-    log.error('interrupted; no cache was written to %s', args.out)
-    return 130
-  log.info('built %s in %.1f s (%s knees/s): %s', args.out,
+    # An outcome of the data rather than a fault: one line, no traceback.
+    print(f'{PROGRAM}: failed: {cli.message(e)}', file=sys.stderr)
+    return cli.FAILED
+  log.info('built %s in %.1f s (%s knees/s): %s',
+           'the cache' if args.redact_paths else args.out,
            summary['seconds'], summary['knees_per_second'],
            _counts_text(summary))
-  return 0
+  return cli.OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(PROGRAM, main)

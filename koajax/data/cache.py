@@ -7,9 +7,13 @@ A cache directory holds
   summary.json        what the build made and every input it skipped, and why
   meta.json           written last; a directory without it is not a cache
 
-Writes go to temporary names that are renamed into place, and meta.json is
-renamed last, so a build killed at any point never leaves a directory that
-`open_cache` accepts, and never damages a complete cache that was there.
+A cache is written in a sibling folder `DIR.partial-<pid>` that replaces DIR
+in one rename when it is complete (`atomic`), so a build that fails or is
+killed at any point leaves whatever was in DIR exactly as it was, and the
+next build removes the partial folders of processes that have stopped. DIR
+must be new, empty, or hold a koajax cache (or the summary of a failed
+build): a folder with anything else in it is refused before anything is
+written (`check_output_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,8 @@ import msgpack
 import numpy as np
 import pandas as pd
 
+from koajax import cli
+from koajax.data import atomic
 from koajax.data import schema
 
 FORMAT_VERSION = 1
@@ -78,14 +87,77 @@ def decode(record: bytes) -> dict[str, Any]:
   }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  tmp.write_text(text)
-  os.replace(tmp, path)
+def _json_dict(path: Path) -> dict[str, Any] | None:
+  try:
+    data = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, ValueError):
+    return None
+  return data if isinstance(data, dict) else None
+
+
+def is_cache_summary(path: str | os.PathLike) -> bool:
+  """Whether `path` is a summary.json that a koajax build wrote."""
+  data = _json_dict(Path(path))
+  return data is not None and 'knees_built' in data
+
+
+# Leftovers of older koajax versions, which wrote into the cache folder.
+_OLD_TEMPORARY = re.compile(
+    rf'^\.({"|".join(map(re.escape, (RECORDS, INDEX, SUMMARY, META)))})'
+    r'\.tmp-\d+$')
+
+
+def check_output_dir(out_dir: str | os.PathLike, what: str = 'a cache'
+                     ) -> str:
+  """Whether a cache may be written at `out_dir`, and what is there.
+
+  Returns:
+    'new' (nothing there, or an empty folder), 'cache' (a koajax cache) or
+    'failed' (the summary of a build that made no cache).
+
+  Raises:
+    cli.BadInput: `out_dir` is a file, or a folder holding anything else
+      (the message names what); nothing has been written.
+  """
+  d = Path(out_dir)
+  if not (d.exists() or d.is_symlink()):
+    return 'new'
+  if not d.is_dir():
+    raise cli.BadInput(f'{d} is a file, not a folder; give a new or empty '
+                       f'folder for {what}')
+  names = sorted(p.name for p in d.iterdir())
+  if not names:
+    return 'new'
+  known = {RECORDS, INDEX, SUMMARY, META}
+  foreign = [n for n in names if n not in known and not
+             _OLD_TEMPORARY.match(n)]
+  meta = _json_dict(d / META) if META in names else None
+  if META in names and (meta is None or 'format_version' not in meta):
+    foreign.append(META)
+  elif META not in names and not is_cache_summary(d / SUMMARY):
+    # Without a koajax meta.json or summary.json, nothing says the cache
+    # files are koajax's own.
+    foreign = names
+  if foreign:
+    shown = ', '.join(sorted(set(foreign))[:6]) + (
+        f' and {len(set(foreign)) - 6} more' if len(set(foreign)) > 6 else '')
+    raise cli.BadInput(
+        f'{d} holds files that are not a koajax cache ({shown}); koajax '
+        f'replaces only its own caches: give a new or empty folder for '
+        f'{what}')
+  return 'cache' if meta is not None else 'failed'
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+  path.write_text(json.dumps(data, indent=2) + '\n', encoding='utf-8')
 
 
 class CacheWriter:
   """Writes knees to a cache directory; nothing is a cache until `close`.
+
+  The knees go to a partial folder beside `out_dir` that replaces it in one
+  step at `close`; until then `out_dir` keeps what it held. A folder holding
+  anything but a koajax cache is refused (`check_output_dir`).
 
   Usage:
     with CacheWriter(out_dir, roi_mm=140, roi_px=400) as w:
@@ -97,12 +169,12 @@ class CacheWriter:
                roi_px: int, extra_meta: dict[str, Any] | None = None):
     from array_record.python import array_record_module
     self.dir = Path(out_dir)
-    self.dir.mkdir(parents=True, exist_ok=True)
-    # An older cache here stops being valid the moment we start replacing it.
-    (self.dir / META).unlink(missing_ok=True)
-    self._tmp_records = self.dir / f'.{RECORDS}.tmp-{os.getpid()}'
+    self._target = atomic.real_target(self.dir)
+    atomic.clean_stale(self._target)
+    check_output_dir(self.dir)
+    self._work = atomic.new_partial(self._target)
     self._writer = array_record_module.ArrayRecordWriter(
-        str(self._tmp_records), 'group_size:1')
+        str(self._work / RECORDS), 'group_size:1')
     self._rows: list[dict[str, Any]] = []
     self._meta = {'roi_mm': float(roi_mm), 'roi_px': int(roi_px),
                   **(extra_meta or {})}
@@ -127,29 +199,65 @@ class CacheWriter:
     return len(self._rows)
 
   def close(self, summary: dict[str, Any] | None = None) -> None:
-    """Finalises the cache; meta.json appears last."""
+    """Finalises the cache and puts it in place of what was at `dir`."""
     if self._closed:
       return
     self._closed = True
-    self._writer.close()
-    os.replace(self._tmp_records, self.dir / RECORDS)
-    columns = ['knee_id', 'subject_id', 'visit', 'side', 'site', *schema.GRADES]
-    index = pd.DataFrame(self._rows, columns=columns)
-    _atomic_write_text(self.dir / INDEX, index.to_csv(index=False))
-    summary = dict(summary or {})
-    summary.setdefault('knees_built', len(self._rows))
-    _atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2) + '\n')
-    meta = {'format_version': FORMAT_VERSION, 'num_knees': len(self._rows),
-            'num_landmarks': schema.NUM_LANDMARKS, 'grades': schema.GRADES,
-            **self._meta}
-    _atomic_write_text(self.dir / META, json.dumps(meta, indent=2) + '\n')
+    try:
+      self._writer.close()
+      columns = ['knee_id', 'subject_id', 'visit', 'side', 'site',
+                 *schema.GRADES]
+      index = pd.DataFrame(self._rows, columns=columns)
+      (self._work / INDEX).write_text(index.to_csv(index=False),
+                                      encoding='utf-8')
+      summary = dict(summary or {})
+      summary.setdefault('knees_built', len(self._rows))
+      _write_json(self._work / SUMMARY, summary)
+      meta = {'format_version': FORMAT_VERSION, 'num_knees': len(self._rows),
+              'num_landmarks': schema.NUM_LANDMARKS, 'grades': schema.GRADES,
+              **self._meta}
+      _write_json(self._work / META, meta)
+      atomic.publish(self._work, self._target)
+    except BaseException:
+      atomic.discard(self._work)
+      raise
 
   def abort(self) -> None:
-    """Drops what was written; the directory holds no cache afterwards."""
+    """Drops what was written; `dir` keeps what it held."""
     if not self._closed:
       self._closed = True
-      self._writer.close()
-      self._tmp_records.unlink(missing_ok=True)
+      try:
+        self._writer.close()
+      finally:
+        atomic.discard(self._work)
+
+  def fail(self, summary: dict[str, Any]) -> Path:
+    """Drops the knees and records `summary` of a build that made no cache.
+
+    The summary goes to `dir`/summary.json when `dir` held no cache;
+    a complete cache at `dir` is left as it was, and the summary goes to a
+    file in the temporary folder instead.
+
+    Returns:
+      Where the summary was written.
+    """
+    self.abort()
+    data = json.dumps(summary, indent=2) + '\n'
+    if check_output_dir(self.dir) != 'cache':
+      work = atomic.new_partial(self._target)
+      try:
+        (work / SUMMARY).write_text(data, encoding='utf-8')
+        atomic.publish(work, self._target)
+      except BaseException:
+        atomic.discard(work)
+        raise
+      return self.dir / SUMMARY
+    folder = Path(tempfile.gettempdir()) / 'koajax-errors'
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (f'build-summary-{time.strftime("%Y%m%d-%H%M%S")}-'
+                     f'{os.getpid()}.json')
+    path.write_text(data, encoding='utf-8')
+    return path
 
   def __enter__(self) -> CacheWriter:
     return self

@@ -21,7 +21,10 @@ writes one koajax cache per split at OUT/<split> (images resized to roi_px,
 left knees mirrored to look like right knees as in every koajax cache,
 keypoints NaN, OARSI grades ungraded) and OUT/summary.json. Unreadable
 files, folders that are not a KL grade and duplicate knees are reported and
-skipped. The crops have no pixel spacing, so `roi_mm` in the cache metadata
+skipped. Each cache replaces OUT/<split> in one step when complete, so a run
+that fails or is killed leaves what was there; an OUT/<split> or
+OUT/summary.json that koajax did not write is refused before anything is
+written (exit status 2, `koajax.cli`). The crops have no pixel spacing, so `roi_mm` in the cache metadata
 is nominal (140 mm, the koajax ROI) and `roi_mm_nominal` is set.
 """
 
@@ -33,7 +36,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from koajax import cli
+from koajax.data import atomic
 from koajax.data import cache as cache_lib
 from koajax.data import schema
 
 log = logging.getLogger(__name__)
+
+PROGRAM = 'koajax.data.png_folders'
+SUMMARY = 'summary.json'
 
 IMAGE_SUFFIXES = ('.png',)
 _NAME = re.compile(r'^(?P<subject>\d+)(?P<side>[LR](?![A-Za-z]))?', re.I)
@@ -84,7 +91,8 @@ def read_png_folders(root: str | os.PathLike, *,
   """
   root = Path(root)
   if not root.is_dir():
-    raise FileNotFoundError(f'no folder {root}')
+    raise cli.BadInput(f'--root {root} is not a folder; give the folder '
+                       'holding <split>/<KL>/*.png')
   rows = []
   for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
     for grade_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -177,8 +185,20 @@ def build_png_cache(root: str | os.PathLike, out_dir: str | os.PathLike, *,
   out_dir = Path(out_dir)
   skipped: list[dict[str, str]] = []
   table = read_png_folders(root, skipped=skipped)
-  names = sorted(table['split'].unique()) if splits is None else list(splits)
-  summary: dict[str, Any] = {'root': str(Path(root).absolute()),
+  found = sorted(table['split'].unique())
+  if not found:
+    raise cli.BadInput(f'no images in {root}: expected <split>/<KL>/*.png '
+                       'with KL folders 0-4')
+  names = found if splits is None else list(splits)
+  unknown = [n for n in names if n not in found]
+  if unknown:
+    raise cli.BadInput(f'no split {", ".join(unknown)} with images in {root}; '
+                       f'it has {", ".join(found)}')
+  # Everything this run replaces is checked before anything is written.
+  for split in names:
+    cache_lib.check_output_dir(out_dir / split, f'the {split} cache')
+  _check_summary(out_dir / SUMMARY)
+  summary: dict[str, Any] = {'root': str(root),
                              'roi_px': roi_px, 'roi_mm': roi_mm,
                              'flip_left': flip_left, 'splits': {}}
   unreadable: list[dict[str, str]] = []
@@ -212,14 +232,26 @@ def build_png_cache(root: str | os.PathLike, out_dir: str | os.PathLike, *,
   by_subject = table.groupby('subject_id')['split'].nunique()
   summary['subjects_in_several_splits'] = int((by_subject > 1).sum())
   summary['skipped'] = skipped + unreadable
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  atomic.write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + '\n')
   return summary
+
+
+def _check_summary(path: Path) -> None:
+  """Refuses to replace a summary.json that this command did not write."""
+  if not (path.exists() or path.is_symlink()):
+    return
+  try:
+    data = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, ValueError):
+    data = None
+  if not (isinstance(data, dict) and 'splits' in data and 'root' in data):
+    raise cli.BadInput(f'{path} exists and is not a summary koajax wrote; '
+                       'give a new or empty folder for --out')
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m koajax.data.png_folders',
+      prog=f'python -m {PROGRAM}',
       description='Build koajax caches from <split>/<KL>/*.png folders.')
   parser.add_argument('--root', required=True,
                       help='folder with <split>/<KL>/*.png')
@@ -247,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for split, info in summary['splits'].items():
     print(f"{split}: {info['knees']} knees, {len(info['skipped'])} skipped, "
           f"KL {info['kl_counts']}")
-  print(f"summary: {Path(args.out) / 'summary.json'}")
-  return 0
+  print(f"summary: {Path(args.out) / SUMMARY}")
+  return cli.OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(PROGRAM, main)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import ml_collections
@@ -33,20 +32,18 @@ def synthetic_dir(cfg: ml_collections.ConfigDict) -> Path:
 def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
   """Generates the synthetic dataset unless a complete one is there.
 
-  Generation writes to a temporary folder renamed into place when done, so an
-  interrupted run is simply generated again.
+  Generation writes beside the dataset's folder and renames into place when
+  done (`synthetic.generate`), so an interrupted run is simply generated
+  again, and its partial folder is removed then.
   """
   from koajax.data import synthetic
   raw = synthetic_dir(cfg) / 'raw'
   if (raw / 'manifest.csv').is_file():
     return raw
-  partial = raw.with_name(f'raw.partial-{os.getpid()}')
-  shutil.rmtree(partial, ignore_errors=True)
   log.info('Generating the synthetic dataset (%d subjects, seed %d) in %s',
            cfg.synthetic.num_subjects, cfg.synthetic.seed, raw)
-  synthetic.generate(partial, num_subjects=cfg.synthetic.num_subjects,
+  synthetic.generate(raw, num_subjects=cfg.synthetic.num_subjects,
                      seed=cfg.synthetic.seed, workers=_workers(cfg))
-  os.replace(partial, raw)
   return raw
 
 
@@ -73,10 +70,14 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
                      "use 'synthetic', 'manifest' or 'cache'")
   cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache
   if not cache.is_complete(cache_dir):
-    log.info('Building the knee cache in %s', cache_dir)
+    # data.redact_paths (where a config has it): knees by id only in the
+    # build's logs and summary.
+    redact = bool(cfg.get('redact_paths', False))
+    log.info('Building the knee cache in %s',
+             'the cache folder' if redact else cache_dir)
     build.build_cache(manifest, cache_dir, landmarks=landmarks,
                       roi_mm=cfg.roi_mm, roi_px=cfg.roi_px,
-                      workers=_workers(cfg))
+                      workers=_workers(cfg), redact_paths=redact)
   opened = cache.open_cache(cache_dir)
   built = (opened.meta['roi_mm'], opened.meta['roi_px'])
   if built != (cfg.roi_mm, cfg.roi_px):

@@ -10,6 +10,7 @@ with the files koajax reads from any dataset:
   truth.csv      the noise-free grades rendered into the pixels, plus the
                  continuous severity and joint-space widths (mm)
   images/<subject_id>/v<visit>.dcm
+  synthetic.json the generator's settings (marks the folder as koajax's)
 
 Subjects have both knees and several visits at one site; disease never
 regresses and tends to progress (see `grading`). Sites differ in detector,
@@ -20,6 +21,12 @@ files byte for byte whatever the number of workers.
 Usage:
 
   python -m koajax.data.synthetic --out=/tmp/synth --num_subjects=560 --seed=0
+
+The dataset is written beside OUT (OUT.partial-<pid>) and replaces it in one
+step when complete, so a run that fails or is killed leaves OUT as it was,
+and the next run removes the partial folder. OUT must be new, empty or a
+dataset of this generator; anything else is refused before anything is
+written (exit status 2, see `koajax.cli`).
 """
 
 from __future__ import annotations
@@ -42,15 +49,20 @@ import tqdm
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from koajax import cli
 from koajax.data import anatomy
+from koajax.data import atomic
 from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
 
+PROGRAM = 'koajax.data.synthetic'
 DEFAULT_NUM_SUBJECTS = 560  # about 3,000 knees with the default visits
 MANIFEST = 'manifest.csv'
 LANDMARKS = 'landmarks.csv'
 TRUTH = 'truth.csv'
+SETTINGS = 'synthetic.json'
+IMAGES = 'images'
 
 CR_STORAGE = '1.2.840.10008.5.1.4.1.1.1'
 DX_STORAGE = '1.2.840.10008.5.1.4.1.1.1.1'  # Digital X-Ray, for presentation
@@ -352,13 +364,62 @@ def _run(tasks: list[ImageTask], out_dir: Path,
     yield from pool.imap_unordered(_run_task, jobs, chunksize=4)
 
 
+def check_output_dir(out_dir: str | os.PathLike) -> str:
+  """'new' (nothing there, or an empty folder) or 'dataset' (one this
+  generator wrote, which a new one replaces); `cli.BadInput` for anything
+  else, which is never touched."""
+  out_dir = Path(out_dir)
+  if not (out_dir.exists() or out_dir.is_symlink()):
+    return 'new'
+  if not out_dir.is_dir():
+    raise cli.BadInput(f'{out_dir} is a file, not a folder; give a new or '
+                       'empty folder for the dataset')
+  names = sorted(p.name for p in out_dir.iterdir())
+  if not names:
+    return 'new'
+  try:
+    settings = json.loads((out_dir / SETTINGS).read_text(encoding='utf-8'))
+  except (OSError, ValueError):
+    settings = None
+  ours = isinstance(settings, dict) and settings.get('generator') == PROGRAM
+  foreign = [n for n in names
+             if not ours or n not in (MANIFEST, LANDMARKS, TRUTH, SETTINGS,
+                                      IMAGES)]
+  if foreign:
+    shown = ', '.join(foreign[:6]) + (
+        f' and {len(foreign) - 6} more' if len(foreign) > 6 else '')
+    raise cli.BadInput(
+        f'{out_dir} holds files that are not a koajax synthetic dataset '
+        f'({shown}); koajax replaces only datasets it generated: give a new '
+        'or empty folder')
+  return 'dataset'
+
+
+def _check_arguments(num_subjects: int, seed: int, workers: int | None,
+                     options: dict[str, Any]) -> None:
+  if num_subjects < 1:
+    raise cli.BadInput(f'--num_subjects={num_subjects}: give 1 or more')
+  if seed < 0:
+    raise cli.BadInput(f'--seed={seed}: give a whole number >= 0')
+  if workers is not None and workers < 1:
+    raise cli.BadInput(f'--workers={workers}: give 1 or more processes')
+  noise = options.get('reader_noise')
+  if noise is not None and not noise >= 0:
+    raise cli.BadInput(f'--reader_noise={noise}: give a value >= 0')
+  fraction = options.get('ungraded_fraction')
+  if fraction is not None and not 0 <= fraction <= 1:
+    raise cli.BadInput(f'--ungraded_fraction={fraction}: give a value in '
+                       '0..1')
+
+
 def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
              seed: int = 0, workers: int | None = None,
              show_progress: bool = True, **options: Any) -> dict[str, Any]:
   """Generates the synthetic dataset in `out_dir`.
 
   Args:
-    out_dir: output directory (created if needed).
+    out_dir: output directory: new, empty, or a dataset of this generator,
+      replaced in one step when the new one is complete.
     num_subjects: number of subjects (each ~2.75 visits x 2 knees).
     seed: the seed; equal seeds give byte-identical files.
     workers: worker processes (default: all CPUs); results do not depend on it.
@@ -368,13 +429,40 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
 
   Returns:
     A summary: knees, images, subjects, seconds, bytes.
+
+  Raises:
+    cli.BadInput: `out_dir` holds anything but a dataset of this generator,
+      or an argument is out of range; nothing has been written.
   """
   start = time.perf_counter()
   out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  _check_arguments(num_subjects, seed, workers, options)
+  target = atomic.real_target(out_dir)
+  atomic.clean_stale(target)
+  check_output_dir(out_dir)
   knees, tasks = plan(num_subjects, seed, **options)
   if workers is None:
     workers = os.cpu_count() or 1
+  work = atomic.new_partial(target)
+  try:
+    size = _write(work, knees, tasks, workers, show_progress)
+    settings = {'generator': PROGRAM, 'num_subjects': num_subjects,
+                'seed': seed, 'options': options, 'knees': len(knees),
+                'images': len(tasks)}
+    (work / SETTINGS).write_text(
+        json.dumps(settings, indent=2, sort_keys=True, default=str) + '\n',
+        encoding='utf-8')
+    atomic.publish(work, target)
+  except BaseException:
+    atomic.discard(work)
+    raise
+  return {'knees': len(knees), 'images': len(tasks), 'subjects': num_subjects,
+          'seconds': round(time.perf_counter() - start, 2), 'bytes': size}
+
+
+def _write(out_dir: Path, knees: pd.DataFrame, tasks: list[ImageTask],
+           workers: int, show_progress: bool) -> int:
+  """Writes the images and tables into `out_dir`; returns the images' bytes."""
   points = np.zeros((len(tasks), len(schema.SIDES), schema.NUM_LANDMARKS, 2))
   progress = tqdm.tqdm(_run(tasks, out_dir, workers), total=len(tasks),
                        unit='image', desc='generating radiographs',
@@ -393,13 +481,13 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
   truth['severity'] = knees['severity'].round(4)
   truth[['jsw_l_mm', 'jsw_m_mm']] = knees[['jsw_l_mm', 'jsw_m_mm']].round(3)
   truth.to_csv(out_dir / TRUTH, index=False)
-  size = sum((out_dir / t.path).stat().st_size for t in tasks)
-  return {'knees': len(knees), 'images': len(tasks), 'subjects': num_subjects,
-          'seconds': round(time.perf_counter() - start, 2), 'bytes': size}
+  return sum((out_dir / t.path).stat().st_size for t in tasks)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  """The command: generates the dataset, prints and returns its summary."""
+  parser = argparse.ArgumentParser(prog=f'python -m {PROGRAM}',
+                                   description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--num_subjects', type=int, default=DEFAULT_NUM_SUBJECTS)
   parser.add_argument('--seed', type=int, default=0)
@@ -418,4 +506,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(PROGRAM, main)
