@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import pandas as pd
 
+from koajax.data import atomic
 from koajax.data import cache as cache_lib
 from koajax.data import gallery
 from koajax.data import schema
@@ -74,7 +75,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   cache = sources.resolve_cache(config.data)
   summary = describe(cache)
   summary['seconds_to_prepare'] = round(time.perf_counter() - start, 1)
-  (workdir / 'data_summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  atomic.write_text(workdir / 'data_summary.json',
+                    json.dumps(summary, indent=2) + '\n')
   grid = gallery.save_grid(cache, workdir / 'knees_by_kl.png', per_grade=6,
                            seed=config.seed)
   print(format_report(summary))

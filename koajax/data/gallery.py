@@ -1,6 +1,9 @@
 """A grid of cached knees, one row per KL grade.
 
   python -m koajax.data.gallery --cache=DIR --out=knees_by_kl.png [--per_grade=6]
+
+The PNG is written to a temporary name and renamed into place, so a failed
+run leaves an earlier one as it was. Exit status as in `koajax.cli`.
 """
 
 from __future__ import annotations
@@ -9,8 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from koajax import cli
+from koajax.data import atomic
 from koajax.data import cache as cache_lib
 from koajax.data import schema
+
+PROGRAM = 'koajax.data.gallery'
 
 
 def pick_by_grade(index, per_grade: int, seed: int = 0) -> dict[int, np.ndarray]:
@@ -55,16 +62,17 @@ def save_grid(cache: cache_lib.Cache, out: str | Path, *, per_grade: int = 6,
   fig.suptitle('Knees by KL grade (ROI %.0f mm, landmarks in orange)'
                % cache.meta['roi_mm'], fontsize=9)
   fig.tight_layout()
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=130)
-  plt.close(fig)
-  return out
+  try:
+    return atomic.write_with(
+        out, lambda tmp: fig.savefig(tmp, dpi=130, format='png'))
+  finally:
+    plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+  """The command: writes the grid; returns the exit status."""
   import argparse
-  p = argparse.ArgumentParser(description=__doc__,
+  p = argparse.ArgumentParser(prog=f'python -m {PROGRAM}', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--cache', required=True, help='cache directory')
   p.add_argument('--out', required=True, help='PNG file to write')
@@ -72,11 +80,16 @@ def main(argv=None) -> None:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no_keypoints', action='store_true')
   args = p.parse_args(argv)
+  if args.per_grade < 1:
+    raise cli.BadInput(f'--per_grade={args.per_grade}: give 1 or more')
+  if Path(args.out).suffix.lower() != '.png':
+    raise cli.BadInput(f'--out={args.out}: give a .png file')
   path = save_grid(cache_lib.open_cache(args.cache), args.out,
                    per_grade=args.per_grade, seed=args.seed,
                    show_keypoints=not args.no_keypoints)
   print(f'wrote {path}')
+  return cli.OK
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(PROGRAM, main)

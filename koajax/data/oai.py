@@ -28,6 +28,11 @@ are reported and left out; images without grades become unlabeled knees.
 --sites names a table with a subject column (ID, MOSTID or subject_id) and a
 site column (V00SITE, SITE or site), e.g. OAI `Enrollees.txt`; a site
 column in the images CSV is used when --sites is not given.
+
+A table or CSV that cannot be read is named on one line with what to do
+(exit status 2, `koajax.cli`); the manifest and its issues file are written
+to temporary names and renamed into place, so a failed run leaves any
+earlier ones as they were.
 """
 
 from __future__ import annotations
@@ -37,19 +42,23 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from koajax import cli
+from koajax.data import atomic
+from koajax.data import manifest as manifest_lib
 from koajax.data import oai_cells
 from koajax.data import oai_issues
 from koajax.data import oai_tables
 from koajax.data import schema
 
 log = logging.getLogger(__name__)
+
+PROGRAM = 'koajax.data.oai'
 
 
 # ----------------------------------------------------------------- images --
@@ -63,12 +72,14 @@ def read_images(path: str | os.PathLike, *, kind: str | None,
   absolute against the CSV's folder.
   """
   path = Path(path)
-  df = pd.read_csv(path, dtype=str, keep_default_na=False)
+  df = manifest_lib.read_csv(path, 'images', error=cli.BadInput, dtype=str,
+                             keep_default_na=False)
   df.columns = [c.strip().lower() for c in df.columns]
   missing = {'subject_id', 'visit', 'path'} - set(df.columns)
   if missing:
-    raise ValueError(f'{path}: missing columns {sorted(missing)}; expected '
-                     'subject_id, visit, path[, side][, site]')
+    raise cli.BadInput(f'{path}: missing column(s) {", ".join(sorted(missing))}'
+                       '; an images file has columns subject_id, visit, '
+                       'path[, side][, site]')
   rows = []
   for i, row in enumerate(df.to_dict('records')):
     where = oai_issues.Issue(
@@ -159,9 +170,15 @@ def convert(grades: Sequence[str | os.PathLike], images: str | os.PathLike,
   issues: list[oai_issues.Issue] = []
   readings: list[oai_tables.Reading] = []
   kinds = set()
+  if not grades:
+    raise cli.BadInput('--grades names no table; give OAI kxr_sq_bu or MOST '
+                       'x-ray tables, comma-separated')
   for path in grades:
-    df = oai_tables.read_table(path)
-    kind = oai_tables.table_kind(df)
+    df = _read_grade_table(path)
+    try:
+      kind = oai_tables.table_kind(df)
+    except ValueError as e:
+      raise cli.BadInput(f'{path} is {e}') from None
     kinds.add(kind)
     parse = (oai_tables.oai_readings if kind == 'oai'
              else oai_tables.most_readings)
@@ -173,14 +190,21 @@ def convert(grades: Sequence[str | os.PathLike], images: str | os.PathLike,
                                       issues=issues)
   study = next(iter(kinds)) if len(kinds) == 1 else None
   image_df = read_images(images, kind=study, issues=issues)
-  site_map = oai_tables.read_sites(sites) if sites else None
+  site_map = None
+  if sites:
+    try:
+      site_map = oai_tables.read_sites(_readable(sites))
+    except (ValueError, UnicodeError, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as e:
+      raise cli.BadInput(f'cannot read the sites table: {_one_line(e)}'
+                         ) from None
   out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   manifest = build_manifest(chosen, image_df, manifest_dir=out.parent,
                             sites=site_map, issues=issues)
-  manifest.to_csv(out, index=False)
-  oai_issues.issues_frame(issues).to_csv(oai_issues.issues_path(out),
-                                         index=False)
+  atomic.write_with(out, lambda tmp: manifest.to_csv(tmp, index=False))
+  atomic.write_with(oai_issues.issues_path(out),
+                    lambda tmp: oai_issues.issues_frame(issues).to_csv(
+                        tmp, index=False))
   counts = pd.Series([i.kind for i in issues], dtype=str).value_counts()
   return {
       'manifest': str(out),
@@ -194,9 +218,41 @@ def convert(grades: Sequence[str | os.PathLike], images: str | os.PathLike,
   }
 
 
+def _one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split())
+
+
+def _readable(path: str | os.PathLike) -> Path:
+  path = Path(path)
+  if not path.is_file():
+    raise cli.BadInput(f'table not found: {path}' if not path.exists()
+                       else f'{path} is a folder, not a table')
+  return path
+
+
+def _read_grade_table(path: str | os.PathLike) -> pd.DataFrame:
+  """A grade table, or `cli.BadInput` naming it and why it cannot be read."""
+  path = _readable(path)
+  if path.stat().st_size == 0:
+    raise cli.BadInput(f'{path} is empty; give an OAI kxr_sq_bu or MOST x-ray '
+                       'table')
+  try:
+    return oai_tables.read_table(path)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    raise cli.BadInput(f'{path} is not a readable delimited table '
+                       f'({_one_line(e)})') from None
+  except Exception as e:  # pylint: disable=broad-except
+    if path.suffix.lower() not in ('.sas7bdat', '.xpt'):
+      raise
+    # pandas' SAS readers fail in many ways on a damaged file.
+    raise cli.BadInput(f'{path} is not a readable SAS file '
+                       f'({type(e).__name__}: {_one_line(e)}); export the '
+                       'table again or give its .txt version') from None
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m koajax.data.oai',
+      prog=f'python -m {PROGRAM}',
       description='Convert OAI/MOST grade tables to a koajax manifest.')
   comma_list = lambda text: [t.strip() for t in text.split(',') if t.strip()]
   parser.add_argument('--grades', required=True, type=comma_list,
@@ -220,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   summary = convert(args.grades, args.images, args.out, sites=args.sites,
                     prefer_readprj=args.prefer_readprj)
   print(json.dumps(summary, indent=2))
-  return 0
+  return cli.OK
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(PROGRAM, main)

@@ -13,6 +13,10 @@ subject's knees in one chunk) comes from, in order: --subjects (a CSV with
 knee_id and subject_id columns), a subject_id column of file A, or the knee id
 itself ('<subject>_v<visit:02d>_<side>', see `koajax.data.schema.knee_id`).
 The result is printed as JSON and, with --out, written there.
+
+A file that is not a koajax predictions CSV (which columns are missing), or
+whose probabilities hold NaN or infinite values (how many rows), is named on
+one line, exit status 2 (`koajax.cli`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from koajax import cli
+from koajax.data import atomic
+from koajax.data import manifest as manifest_lib
 from koajax.evaluation import heads as heads_lib
 from koajax.evaluation import metrics as metrics_lib
 from koajax.evaluation import predictions as predictions_lib
 from koajax.evaluation import report as report_lib
 from koajax.evaluation import significance
 
+PROGRAM = 'koajax.evaluation.compare'
+_LAYOUT = ('knee_id, side, [subject_id,] then <head>, p0..p<C-1> (one head) '
+           'or <head>, <head>_p0.. per head')
 # Inverse of koajax.data.schema.knee_id.
 _KNEE_ID = re.compile(r'^(?P<subject>.+)_v(?P<visit>\d+)_(?P<side>[RL])$')
 
@@ -39,8 +49,8 @@ def subject_from_knee_id(knee_id: str) -> str:
   """'9001234_v12_R' -> '9001234'."""
   match = _KNEE_ID.match(knee_id)
   if match is None:
-    raise ValueError(f'knee id {knee_id!r} is not <subject>_v<visit>_<side>; '
-                     'pass --subjects')
+    raise cli.BadInput(f'knee id {knee_id!r} is not <subject>_v<visit>_<side>'
+                       '; pass --subjects')
   return match['subject']
 
 
@@ -49,35 +59,74 @@ def _subjects(frame_a: pd.DataFrame,
   """Subject of every row of file A (see the module docstring)."""
   knee_ids = frame_a['knee_id']
   if subjects_csv is not None:
-    table = pd.read_csv(subjects_csv, dtype=str)
+    table = manifest_lib.read_csv(subjects_csv, 'subjects',
+                                  ('knee_id', 'subject_id'),
+                                  error=cli.BadInput, dtype=str)
     lookup = dict(zip(table['knee_id'], table['subject_id']))
     missing = sorted(set(knee_ids) - set(lookup))
     if missing:
-      raise ValueError(f'{subjects_csv} lacks {len(missing)} knees, e.g. '
-                       f'{missing[:3]}')
+      raise cli.BadInput(f'{subjects_csv} lacks {len(missing)} knees, e.g. '
+                         f'{missing[:3]}')
     return knee_ids.map(lookup).to_numpy(str)
   if 'subject_id' in frame_a.columns:
     return frame_a['subject_id'].to_numpy(str)
   return np.array([subject_from_knee_id(k) for k in knee_ids])
 
 
+def read_checked(path: str | Path, head: str | None = None
+                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+  """`predictions.read_predictions`, or `cli.BadInput` naming the file and
+  what is wrong: not comma-separated UTF-8 text, missing columns, grades
+  that are not whole numbers, non-finite probabilities."""
+  header = manifest_lib.read_csv(path, 'predictions', error=cli.BadInput,
+                                 dtype=str, nrows=0).columns
+  missing = [] if 'knee_id' in header else ['knee_id']
+  probs = [c for c in header if re.fullmatch(r'(.+_)?p\d+', c)]
+  if not probs:
+    missing.append('p0..p<C-1> (class probabilities)')
+  if not [c for c in header if c not in probs and c not in
+          ('knee_id', 'side', 'subject_id')]:
+    missing.append('a true-grade column such as kl')
+  if missing:
+    raise cli.BadInput(
+        f'{path} is not a koajax predictions CSV: it lacks '
+        f'{", ".join(missing)}; koajax writes {_LAYOUT}')
+  try:
+    frame, y, p = predictions_lib.read_predictions(path, head)
+  except (ValueError, TypeError) as e:
+    text = ' '.join(str(e).split())
+    if not text.startswith(str(path)):
+      text = f'{path} is not a readable koajax predictions CSV ({text})'
+    raise cli.BadInput(text) from None
+  bad = ~np.isfinite(p).all(axis=1)
+  if bad.any():
+    first = int(np.flatnonzero(bad)[0])
+    raise cli.BadInput(
+        f'{path}: {int(bad.sum())} of {len(bad)} rows hold NaN or infinite '
+        f'probabilities (first: line {first + 2}, knee '
+        f'{frame["knee_id"].iloc[first]}); evaluate the run again')
+  return frame, y, p
+
+
 def _aligned(path_a, path_b, head: str | None = None):
   """(frame_a, y, probs_a, probs_b) with B's rows reordered to match A's."""
-  frame_a, y_a, probs_a = predictions_lib.read_predictions(path_a, head)
-  frame_b, y_b, probs_b = predictions_lib.read_predictions(path_b, head)
+  frame_a, y_a, probs_a = read_checked(path_a, head)
+  frame_b, y_b, probs_b = read_checked(path_b, head)
   for path, frame in ((path_a, frame_a), (path_b, frame_b)):
     if frame['knee_id'].duplicated().any():
-      raise ValueError(f'{path}: knee_id values repeat')
+      raise cli.BadInput(f'{path}: knee_id values repeat')
   if set(frame_a['knee_id']) != set(frame_b['knee_id']):
     only_a = set(frame_a['knee_id']) - set(frame_b['knee_id'])
     only_b = set(frame_b['knee_id']) - set(frame_a['knee_id'])
-    raise ValueError(f'the runs cover different knees: {len(only_a)} only in '
-                     f'A, {len(only_b)} only in B')
+    raise cli.BadInput(f'the runs cover different knees: {len(only_a)} only '
+                       f'in A ({path_a}), {len(only_b)} only in B ({path_b})')
   order = pd.Index(frame_b['knee_id']).get_indexer(frame_a['knee_id'])
   if not np.array_equal(y_a, y_b[order]):
-    raise ValueError('the runs disagree on true grades of the same knees')
+    raise cli.BadInput(f'{path_a} and {path_b} disagree on true grades of the '
+                       'same knees')
   if probs_a.shape[1] != probs_b.shape[1]:
-    raise ValueError('the runs predict different numbers of classes')
+    raise cli.BadInput(f'{path_a} and {path_b} predict different numbers of '
+                       'classes')
   return frame_a, y_a, probs_a, probs_b[order]
 
 
@@ -107,8 +156,10 @@ def compare_predictions(path_a: str | Path, path_b: str | Path, *,
 
 
 def main(argv=None) -> dict:
+  """The command: prints (and with --out writes) the result, returns it."""
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog=f'python -m {PROGRAM}', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--a', required=True, help="run A's predictions.csv")
   parser.add_argument('--b', required=True, help="run B's predictions.csv")
   parser.add_argument('--subjects', help='CSV with knee_id, subject_id')
@@ -129,10 +180,9 @@ def main(argv=None) -> dict:
   text = json.dumps(report_lib.json_ready(result), indent=2, allow_nan=False)
   print(text)
   if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + '\n')
+    atomic.write_text(args.out, text + '\n')
   return result
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(PROGRAM, main)
