@@ -1,5 +1,6 @@
 """The trainer end to end on the smoke presets: every method, resume, devices."""
 
+import copy
 import functools
 import json
 import os
@@ -97,7 +98,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(supervised_run, data_root,
   # kill after the first checkpoint would), then run to the end.
   train.train_and_evaluate(smoke_config('supervised', data_root, num_epochs=1),
                            tmp_path / 'resumed')
-  train.train_and_evaluate(full, tmp_path / 'resumed')
+  longer = copy.deepcopy(full)
+  longer.resume_changed = 'num_epochs'
+  train.train_and_evaluate(longer, tmp_path / 'resumed')
 
   a, b = _params(full_dir, full), _params(tmp_path / 'resumed', full)
   jax.tree.map(np.testing.assert_array_equal, a, b)
