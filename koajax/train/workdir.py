@@ -46,6 +46,15 @@ RESUMABLE = ('num_epochs', 'eval_every_epochs', 'bootstrap_resamples',
 _RUN_FILES = (config_lib.CONFIG_JSON, LOCK_FILE, 'splits.npz', 'plan.json',
               'checkpoints', 'tensorboard', 'metrics.jsonl')
 
+
+
+def _made_by_koajax(name: str) -> bool:
+  """Whether a file or folder name is one a run writes before its
+  config.json (a run stopped early leaves these)."""
+  return (name in _RUN_FILES or name.startswith('best_')
+          or any(name.startswith(f'{f}.tmp') for f in _RUN_FILES))
+
+
 _held: dict[Path, int] = {}
 _held_lock = threading.Lock()
 
@@ -112,7 +121,7 @@ def check_same_run(workdir: str | Path,
   saved_path = workdir / config_lib.CONFIG_JSON
   if not saved_path.is_file():
     others = sorted(p.name for p in workdir.iterdir()
-                    if p.name not in _RUN_FILES) if workdir.is_dir() else []
+                    if not _made_by_koajax(p.name)) if workdir.is_dir() else []
     if others:
       raise cli.BadInput(
           f'{workdir} holds files that are not a koajax run ('
