@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,11 +79,18 @@ def owner_alive(pid: int, changed: float) -> bool:
   return state != 'Z' and start <= changed + _CLOCK_SLACK
 
 
-def _rmtree(path: Path) -> None:
-  """Removes a folder; another process removing it at the same time is fine."""
-  shutil.rmtree(path, ignore_errors=True)
-  if path.exists() or path.is_symlink():
+def _rmtree(path: Path, attempts: int = 5) -> None:
+  """Removes a folder; another process removing it at the same time, or a
+  leftover worker of a stopped run finishing a file in it, is fine."""
+  for _ in range(attempts - 1):
+    shutil.rmtree(path, ignore_errors=True)
+    if not (path.exists() or path.is_symlink()):
+      return
+    time.sleep(0.1)
+  try:
     shutil.rmtree(path)  # raises the real error
+  except FileNotFoundError:
+    pass
 
 
 def _remove(path: Path) -> None:
@@ -201,6 +209,17 @@ def publish(partial: str | os.PathLike, target: str | os.PathLike) -> None:
 def discard(partial: str | os.PathLike) -> None:
   """Removes a partial folder that will not be published."""
   _remove(Path(partial))
+
+
+def discard_own(target: str | os.PathLike) -> None:
+  """Removes this process's partial folder of `target`, if there is one.
+
+  For `except` clauses: Ctrl-C can stop a process between making the folder
+  and keeping a reference to it, but its name is known.
+  """
+  partial = partial_path(real_target(target))
+  if partial.exists() or partial.is_symlink():
+    _remove(partial)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
 from koajax import cli
+from koajax.data import atomic
 from koajax.data import cache
 from koajax.data import dicom_io
 from koajax.data import manifest as manifest_lib
@@ -359,10 +360,11 @@ def build_cache(
   df = manifest_lib.read_manifest(manifest)
   points = manifest_lib.read_landmarks(
       landmarks, shown='the landmarks file' if redact_paths else None)
-  writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px)
   where = 'the cache folder' if redact_paths else str(out_dir)
   skipped: list[Skipped] = []
+  writer = None
   try:
+    writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px)
     items = iter_knees(df, points, roi_mm=roi_mm, roi_px=roi_px,
                        workers=workers, landmarks_name=landmarks.name,
                        redact_paths=redact_paths)
@@ -377,7 +379,9 @@ def build_cache(
           writer.add(item)
           bar.update(1)
   except BaseException as e:
-    writer.abort()
+    if writer is not None:
+      writer.abort()
+    atomic.discard_own(out_dir)  # made by a CacheWriter stopped half-way
     if isinstance(e, KeyboardInterrupt):
       log.error('interrupted: no cache was written, %s is as it was', where)
     raise

@@ -172,14 +172,18 @@ class CacheWriter:
     self._target = atomic.real_target(self.dir)
     atomic.clean_stale(self._target)
     check_output_dir(self.dir)
-    self._work = atomic.new_partial(self._target)
-    self._writer = array_record_module.ArrayRecordWriter(
-        str(self._work / RECORDS), 'group_size:1')
     self._rows: list[dict[str, Any]] = []
     self._meta = {'roi_mm': float(roi_mm), 'roi_px': int(roi_px),
                   **(extra_meta or {})}
     self._ids: set[str] = set()
     self._closed = False
+    try:
+      self._work = atomic.new_partial(self._target)
+      self._writer = array_record_module.ArrayRecordWriter(
+          str(self._work / RECORDS), 'group_size:1')
+    except BaseException:  # Ctrl-C included: no partial folder stays
+      atomic.discard_own(self._target)
+      raise
 
   def add(self, knee: Knee) -> None:
     if knee.knee_id in self._ids:
@@ -230,6 +234,7 @@ class CacheWriter:
         self._writer.close()
       finally:
         atomic.discard(self._work)
+        atomic.discard_own(self._target)
 
   def fail(self, summary: dict[str, Any]) -> Path:
     """Drops the knees and records `summary` of a build that made no cache.

@@ -17,6 +17,7 @@ knee is row 2.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import os
@@ -96,8 +97,9 @@ def read_csv(path: str | os.PathLike, what: str,
   where its columns are described) or rows do not parse."""
   path = Path(path)
   text = read_csv_text(path, what, error=error)
+  _check_fields(path, text, error)
   try:
-    df = pd.read_csv(io.StringIO(text), **read_kwargs)
+    df = pd.read_csv(io.StringIO(text), index_col=False, **read_kwargs)
   except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
     raise error(f'{path} is not a well-formed CSV file '
                 f'({" ".join(str(e).split())}); every row needs as many '
@@ -110,6 +112,19 @@ def read_csv(path: str | os.PathLike, what: str,
         f'has columns {_columns_text(required)}' +
         (f' (see {see})' if see else ''))
   return df
+
+
+def _check_fields(path: Path, text: str, error: type[Exception]) -> None:
+  """Every row has the header's number of fields: pandas would otherwise
+  take extra leading cells for an index and shift the columns silently."""
+  rows = csv.reader(io.StringIO(text))
+  header = next(rows, [])
+  for row in rows:
+    if row and len(row) != len(header):
+      raise error(
+          f'{path} line {rows.line_num} has {len(row)} fields, the header '
+          f'{len(header)}: every row needs as many comma-separated fields as '
+          'the header (quote cells that contain commas)')
 
 
 def _read_csv(path: str | os.PathLike, required: tuple[str, ...],

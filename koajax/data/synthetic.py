@@ -236,7 +236,12 @@ def _run_task(args: tuple[ImageTask, str]) -> tuple[int, np.ndarray]:
   task, out_dir = args
   pixels, points, site = render_task(task)
   path = Path(out_dir) / task.path
-  path.parent.mkdir(parents=True, exist_ok=True)
+  # One level at a time from out_dir, which must exist: a worker left
+  # running by a killed run must not make its removed folder again.
+  folder = Path(out_dir)
+  for part in Path(task.path).parent.parts:
+    folder = folder / part
+    folder.mkdir(exist_ok=True)
   _dicom(task, pixels, site).save_as(path, enforce_file_format=True)
   return task.index, points
 
@@ -443,8 +448,9 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
   knees, tasks = plan(num_subjects, seed, **options)
   if workers is None:
     workers = os.cpu_count() or 1
-  work = atomic.new_partial(target)
+  work = None
   try:
+    work = atomic.new_partial(target)
     size = _write(work, knees, tasks, workers, show_progress)
     settings = {'generator': PROGRAM, 'num_subjects': num_subjects,
                 'seed': seed, 'options': options, 'knees': len(knees),
@@ -453,8 +459,8 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
         json.dumps(settings, indent=2, sort_keys=True, default=str) + '\n',
         encoding='utf-8')
     atomic.publish(work, target)
-  except BaseException:
-    atomic.discard(work)
+  except BaseException:  # Ctrl-C included: no partial folder stays
+    atomic.discard_own(target)
     raise
   return {'knees': len(knees), 'images': len(tasks), 'subjects': num_subjects,
           'seconds': round(time.perf_counter() - start, 2), 'bytes': size}
