@@ -237,8 +237,8 @@ def test_strict_and_nothing_built(mixed, tmp_path, capsys):
   assert not cache.is_complete(out)
   assert json.loads((out / cache.SUMMARY).read_text())['knees_built'] == 7
   err = capsys.readouterr().err
-  assert (f'koajax.data.build: failed: knees were skipped and --strict is '
-          f'set (7 built, 17 skipped: bad_grade 1,') in err
+  assert ('koajax.data.build: failed: knees were skipped and --strict is '
+          'set (7 built, 17 skipped: bad_grade 1,') in err
   assert f'listed in summary.json in {out}\n' in err
 
   # Only bad rows: nothing to build, non-zero exit, no cache.
