@@ -641,6 +641,9 @@ def test_other_commands_name_bad_input(data, tmp_path, capsys):
       f'{table} is not an OAI reading table (ID, SIDE, VxxXRKL, ...) nor a '
       'MOST x-ray table')
   assert out.read_text() == 'earlier\n'
+  with pytest.raises(cli.BadInput, match=f"{images} uses ';' as its "
+                     'delimiter'):
+    oai.read_images(images, kind='oai', issues=[])
 
   # Gallery: a folder that is no cache; an earlier picture stays.
   png = tmp_path / 'grid.png'

@@ -15,12 +15,13 @@ writes them (not resolved against its folder), or, with --redact_paths, not
 at all: knees are then named by id only, in logs and summary.json alike.
 
 Exit status (`koajax.cli`): 0 built; 1 no knee could be built, or, with
---strict, something was skipped (`BuildError`; no cache is written and what
-was in DIR stays as it was); 2 bad input: an unreadable manifest or landmarks
-file, or a DIR holding anything but a koajax cache, refused before anything
-is written; 130 interrupted. The cache is made beside DIR and replaces it in
-one step (`cache.CacheWriter`), so a build that fails or is killed, even with
-kill -9, leaves DIR as it was; the next build removes its partial folder.
+--strict, something was skipped (`BuildError`; no cache is written: a cache
+in DIR stays as it was, else DIR holds only summary.json); 2 bad input: an
+unreadable manifest or landmarks file, or a DIR holding anything but a
+koajax cache, refused before anything is written; 130 interrupted. The
+cache is made beside DIR and replaces it in one step (`cache.CacheWriter`),
+so a build that fails or is killed, even with kill -9, leaves DIR as it was;
+the next build removes its partial folder.
 
 `iter_knees` is the build without the writing, for other dataset writers.
 """

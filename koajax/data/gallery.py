@@ -72,8 +72,9 @@ def save_grid(cache: cache_lib.Cache, out: str | Path, *, per_grade: int = 6,
 def main(argv=None) -> int:
   """The command: writes the grid; returns the exit status."""
   import argparse
-  p = argparse.ArgumentParser(prog=f'python -m {PROGRAM}', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog=f'python -m {PROGRAM}', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--cache', required=True, help='cache directory')
   p.add_argument('--out', required=True, help='PNG file to write')
   p.add_argument('--per_grade', type=int, default=6)

@@ -2,10 +2,11 @@
 
 A damaged file is fatal only when it cannot be interpreted at all: it is
 missing, empty, has no rows, is not UTF-8 text, uses another delimiter than
-the comma, or lacks required columns (`ManifestError`, a `cli.BadInput`
-whose one line names the file and what to do). Otherwise every row is checked on its
-own, and a row with a problem is marked, not dropped, so the build can report
-each one by its row number and still use the rest:
+the comma, has rows of another length than its header, or lacks required
+columns (`ManifestError`, a `cli.BadInput` whose one line names the file and
+what to do). Otherwise every row is checked on its own, and a row with a
+problem is marked, not dropped, so the build can report each one by its row
+number and still use the rest:
 
   df = read_manifest('manifest.csv')
   df[df.problem == '']      # usable knees
