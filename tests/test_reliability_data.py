@@ -618,8 +618,16 @@ def test_compare_names_the_file_that_is_not_predictions(data, tmp_path,
         f"{b} uses ';' as its delimiter")
   check(b'', f'{b} is empty')
 
-  # Good files still compare, and the result replaces the earlier one.
+  # Too few subjects for the chunks: say how many chunks would do.
   _predictions(b, seed=1)
+  code, err = _call('koajax.evaluation.compare', compare.main,
+                    [f'--a={a}', f'--b={b}', '--n_chunks=41'], capsys)
+  assert code == cli.BAD_INPUT
+  assert _one_error_line('koajax.evaluation.compare', err).startswith(
+      f'{a} and {b} hold 40 subjects, too few for 41 subject-disjoint chunks; '
+      'pass --n_chunks=40 or fewer')
+
+  # Good files still compare, and the result replaces the earlier one.
   assert compare.main([f'--a={a}', f'--b={b}', f'--out={result}',
                        '--n_chunks=5'])['n_knees'] == 40
   assert json.loads(result.read_text())['n_knees'] == 40

@@ -146,6 +146,11 @@ def compare_predictions(path_a: str | Path, path_b: str | Path, *,
   graded = heads_lib.graded_rows(y, probs_a)
   y, probs_a, probs_b = y[graded], probs_a[graded], probs_b[graded]
   subject_ids = subject_ids[graded]
+  subjects = int(np.unique(subject_ids).size)
+  if subjects < n_chunks:
+    raise cli.BadInput(f'{path_a} and {path_b} hold {subjects} subjects, too '
+                       f'few for {n_chunks} subject-disjoint chunks; pass '
+                       f'--n_chunks={subjects} or fewer')
   result = significance.chunked_wilcoxon(
       y, probs_a, probs_b, subject_ids, metric=metric, n_chunks=n_chunks,
       seed=seed, positive_from=(positive_from if metric in
