@@ -11,7 +11,10 @@ mean over the five. An ensemble averages its members' probabilities (the
 default) or their logits (`ensemble='logits'`, then one softmax).
 
 `from_runs` reads a run's config.json and checkpoint and writes nothing, so
-it works on a read-only copy of a run and leaves the run byte-identical.
+it works on a read-only copy of a run and leaves the run byte-identical. A
+checkpoint whose weights hold NaN or Inf is refused when loaded
+(`NonFiniteWeights`, naming the checkpoint, its step and folder), before
+anything is predicted with it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from koajax import cli
 from koajax import config_lib
 from koajax import tasks as tasks_lib
 from koajax.data import pipeline
@@ -39,6 +43,25 @@ from koajax.train import step as step_lib
 TTA = ('none', 'five_crop')
 ENSEMBLE = ('probs', 'logits')
 DEFAULT_SELECTION = ('balanced_accuracy', 'kappa')
+
+
+class NonFiniteWeights(cli.BadInput):
+  """A checkpoint whose weights hold NaN or Inf."""
+
+
+def non_finite_leaves(tree) -> list[str]:
+  """Paths of the floating-point arrays of `tree` holding NaN or Inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    # Replicated: the local copy is the whole array, on any process.
+    local = (leaf.addressable_data(0) if isinstance(leaf, jax.Array)
+             else leaf)
+    if not np.isfinite(np.asarray(local)).all():
+      bad.append(jax.tree_util.keystr(path, simple=True, separator='/'))
+  return bad
 
 
 def five_crop(images: jax.Array, size: int) -> list[jax.Array]:
@@ -183,6 +206,16 @@ def load_member(workdir: str | Path, config: ml_collections.ConfigDict,
   abstract = step_lib.abstract_state(
       config, task, ckpts.method_state_shapes(checkpoint), replicated)
   state = ckpts.load(checkpoint, abstract)
+  bad = non_finite_leaves({'params': state.params, 'extra': state.extra})
+  if bad:
+    name = ckpts.resolve(checkpoint)
+    more = f' and {len(bad) - 1} more' if len(bad) > 1 else ''
+    others = [n for n in ckpts.names() if n != name]
+    raise NonFiniteWeights(
+        f'checkpoint {name!r} (step {int(state.step)}, '
+        f'{ckpts.step_dir(name)}) holds NaN or Inf weights ({bad[0]}{more}) '
+        'and cannot predict; choose another checkpoint with --checkpoint ('
+        f'{", ".join(others) or "none left"}) or train again')
   graphdef = step_lib.abstract_model(config, task)[0]
   return Member(graphdef, state.params, state.extra, name=str(workdir),
                 step=int(state.step))
