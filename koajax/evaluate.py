@@ -19,6 +19,10 @@ the run's task is evaluated instead. OUT (default
 DIR/eval/<checkpoint>-<split or cache name>) receives metrics.json,
 predictions.csv and the plots, as at the end of training; compare two of them
 with `python -m koajax.evaluation.compare`.
+
+Errors are one line (`koajax.cli`): exit 2 for what the user can fix (an
+unknown workdir or checkpoint, a damaged checkpoint or one holding NaN
+weights, both named), 1 for failures.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import logging as std_logging
 from pathlib import Path
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from koajax import cli
 from koajax import config_lib
 
 
@@ -108,10 +112,11 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # cli.run_absl refuses positional arguments
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('koajax').setLevel(std_logging.INFO)
+  # Orbax warns about every read-only checkpoint folder it opens.
+  std_logging.getLogger('absl').setLevel(std_logging.ERROR)
   f = flags.FLAGS
   evaluate(f.workdir, split=f.split, checkpoint=f.checkpoint,
            cache_dir=f.cache, out=f.out, tta=f.tta, tta_crop=f.tta_crop,
@@ -121,4 +126,4 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run_absl('koajax.evaluate', main)

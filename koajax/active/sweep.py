@@ -17,7 +17,9 @@ OUT (default RUN/sweep/<checkpoint>-<pool>) receives
   hist_<score>.png a histogram of each score;
   top_uncertain.png the --top_k knees with the highest --rank_by score.
 The pool is swept in chunks saved under OUT/parts as they finish, so a
-killed sweep reruns only what is missing.
+killed sweep reruns only what is missing; a part that does not read back
+(cut short, overwritten) is computed again, with a warning naming it.
+Errors are one line (`koajax.cli`), exit 2 for what the user can fix.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import json
 import logging as std_logging
 import os
 from pathlib import Path
+import zipfile
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 import pandas as pd
 
+from koajax import cli
 from koajax.active import plots
 from koajax.active import uncertainty
+
+log = std_logging.getLogger(__name__)
 
 SCORES_CSV = 'scores.csv'
 TOP_PNG = 'top_uncertain.png'
@@ -68,6 +73,26 @@ def _atomic_save(path: Path, **arrays) -> None:
   tmp = path.with_name(path.name + '.tmp.npz')
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
+
+
+def _load_part(path: Path, knees: int) -> dict[str, np.ndarray] | None:
+  """The results saved in part `path` for `knees` knees, or None when it is
+  missing or does not read back whole (then it is computed again)."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as saved:
+      result = {k: saved[k] for k in saved.files}
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    why = f'{type(e).__name__}: {e}'
+  else:
+    wanted = {*uncertainty.SCORE_NAMES, 'mean_probs'}
+    if wanted <= set(result) and all(len(v) == knees for v in result.values()):
+      return result
+    why = 'its arrays are not those of this chunk'
+  log.warning('sweep part %s is damaged (%s); computing it again', path,
+              ' '.join(why.split())[:200])
+  return None
 
 
 def _pool(config, workdir, *, split: str, cache_dir, manifest):
@@ -111,19 +136,19 @@ def score_pool(predictor, weights, cache, indices: np.ndarray, *, key,
     parts_dir.mkdir(parents=True, exist_ok=True)
     meta = parts_dir / 'settings.json'
     settings = json.dumps(settings or {}, sort_keys=True)
-    if not meta.is_file() or meta.read_text() != settings:
+    if not meta.is_file() or meta.read_bytes() != settings.encode():
       for stale in parts_dir.glob('chunk_*.npz'):
         stale.unlink()
-      meta.write_text(settings)
+      tmp = meta.with_name(meta.name + '.tmp')
+      tmp.write_text(settings)
+      os.replace(tmp, meta)
   results = []
   # Saved chunks are still read from the cache (cheap next to T passes), so
   # chunk boundaries stay those of an uninterrupted sweep.
   for c, images in enumerate(predictor.chunks(cache, indices)):
     path = parts_dir / f'chunk_{c:05d}.npz' if parts_dir else None
-    if path is not None and path.is_file():
-      with np.load(path) as saved:
-        result = dict(saved)
-    else:
+    result = _load_part(path, len(images)) if path is not None else None
+    if result is None:
       probs = predictor(weights.params, weights.extra, images,
                         jax.random.fold_in(key, c))
       result = {**uncertainty.scores(probs),
@@ -202,10 +227,11 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best',
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # cli.run_absl refuses positional arguments
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('koajax').setLevel(std_logging.INFO)
+  # Orbax warns about every read-only checkpoint folder it opens.
+  std_logging.getLogger('absl').setLevel(std_logging.ERROR)
   f = flags.FLAGS
   sweep(f.workdir, checkpoint=f.checkpoint, split=f.split, cache_dir=f.cache,
         manifest=f.manifest, num_samples=f.samples,
@@ -216,4 +242,4 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run_absl('koajax.active.sweep', main)
