@@ -63,6 +63,8 @@ def data_config(*, num_subjects: int = 560, seed: int = 0,
       'roi_px': roi_px,
       # Processes used to generate and build; 0 means all cores.
       'workers': 0,
+      # Logs and summary.json name knees by id only, no file paths.
+      'redact_paths': False,
   })
 
 

@@ -128,7 +128,9 @@ def test_smoke_loop_labels_the_most_uncertain_and_writes_the_curve(smoke_run):
 
 def test_killed_run_resumes_at_the_round_it_was_in(smoke_run, tmp_path):
   config, workdir, curve = smoke_run
-  # What a kill early in round 1 leaves: round 0 done, round 1's sets saved.
+  # What a kill early in round 1 leaves: the run's config, round 0 done,
+  # round 1's sets saved.
+  shutil.copy(workdir / 'config.json', tmp_path)
   shutil.copytree(workdir / 'round_00', tmp_path / 'round_00')
   (tmp_path / 'round_01').mkdir()
   shutil.copy(workdir / 'round_01' / 'sets.json', tmp_path / 'round_01')

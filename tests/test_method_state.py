@@ -107,6 +107,8 @@ def test_state_is_fitted_updated_checkpointed_and_resumes_exactly(data_root,
   train.train_and_evaluate(_config(data_root, 1), tmp_path / 'resumed')
   _, first = _method_state(tmp_path / 'resumed', _config(data_root, 1))
   assert int(first.method_state['evaluations']) == 1
+  with full.unlocked():
+    full.resume_changed = 'num_epochs'  # the longer run goes on from epoch 1
   train.train_and_evaluate(full, tmp_path / 'resumed')
   _, resumed = _method_state(tmp_path / 'resumed', full)
   jax.tree.map(np.testing.assert_array_equal, state.params, resumed.params)

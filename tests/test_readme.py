@@ -84,7 +84,8 @@ SCENARIO = {
     'python -m koajax.evaluation.compare --a=RUN_A/predictions.csv '
     '--b=RUN_B/predictions.csv [--head=kl]':
         ['koajax.evaluation.compare', '--a={tmp}/ensemble/predictions.csv',
-         '--b={tmp}/koajax-semixup/predictions.csv', '--head=kl'],
+         '--b={tmp}/koajax-semixup/predictions.csv', '--head=kl',
+         '--n_chunks=5'],  # the smoke test set holds few subjects
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',

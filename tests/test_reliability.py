@@ -45,10 +45,12 @@ def smoke(name, data_root, **fields):
 
 
 def tree_hashes(directory):
-  """{relative path: sha256} of every file under `directory`."""
+  """{relative path: sha256} of every file under `directory` but the lock
+  (which says who holds the workdir)."""
   return {str(p.relative_to(directory)): hashlib.sha256(
       p.read_bytes()).hexdigest()
-          for p in sorted(Path(directory).rglob('*')) if p.is_file()}
+          for p in sorted(Path(directory).rglob('*'))
+          if p.is_file() and p.name != workdir_lib.LOCK_FILE}
 
 
 def run_command(*args, env=None):

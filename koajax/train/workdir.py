@@ -43,8 +43,9 @@ RESUMABLE = ('num_epochs', 'eval_every_epochs', 'bootstrap_resamples',
 
 # What koajax writes into a training or active-learning workdir; a workdir
 # without config.json holding anything else is someone else's folder.
+# (sets.json: an active-learning round's knees, written before its run.)
 _RUN_FILES = (config_lib.CONFIG_JSON, LOCK_FILE, 'splits.npz', 'plan.json',
-              'checkpoints', 'tensorboard', 'metrics.jsonl')
+              'checkpoints', 'tensorboard', 'metrics.jsonl', 'sets.json')
 
 
 
