@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PLAN_JSON = 'plan.json'
 ADAPT_CHOICES = ('synthetic', 'always', 'never')
 # Training steps timed, after the first (which compiles), for the estimate.
-TIMED_STEPS = 3
+TIMED_STEPS = 10
 # A CPU run longer than this gets the hint that `:quick` exists.
 _LONG_RUN_S = 1800
 
@@ -145,9 +145,9 @@ def estimate(plan: dict[str, Any], seconds_per_step: float,
            'steps (evaluations not counted)', seconds_per_step, hours,
            rest // 60, remaining_steps)
   if plan['devices']['platform'] == 'cpu' and total > _LONG_RUN_S:
-    log.warning('On a CPU this run takes hours; the config file\'s :quick '
-                'preset (--config=configs/FILE.py:quick) gives a first look '
-                'in minutes')
+    log.warning('On a CPU this run takes %.1f hours; the :quick preset of '
+                'its config file (--config=configs/<file>.py:quick) gives a '
+                'first look in minutes', total / 3600)
   return plan
 
 

@@ -305,24 +305,28 @@ class Trainer:
                     disable=jax.process_index() != 0 or not cfg.progress_bar)
     if jax.process_index() == 0:
       plan_lib.log_plan(self.plan)
-    first, timed_from = step + 1, None
+    durations = []  # of the first steps, for the plan's estimate
     while step < self.total_steps:
+      timed = len(durations) <= plan_lib.TIMED_STEPS
+      start = time.perf_counter()
       self.state, metrics = self._train_step(
           self.state, self._next_batch(), self.step_key, self.steps_per_epoch)
       step += 1
       bar.update()
-      if step in (first, first + plan_lib.TIMED_STEPS):
-        # The first step compiles; the next ones time the estimate.
+      if timed:
         jax.block_until_ready(metrics)
-        if timed_from is None:
-          timed_from = time.perf_counter()
-        else:
+        durations.append(time.perf_counter() - start)
+        if len(durations) == plan_lib.TIMED_STEPS + 1:
+          # The first step compiles; the median of the next ones leaves out
+          # the data pipeline's warm-up.
           self.plan = plan_lib.estimate(
-              self.plan, (time.perf_counter() - timed_from) /
-              plan_lib.TIMED_STEPS, self.total_steps - step)
+              self.plan, float(np.median(durations[1:])),
+              self.total_steps - step)
           plan_lib.write(self.workdir, self.plan)
+      if self._first_loss is None:  # the baseline of an exploding loss
+        self._check_diverged(step, float(jax.device_get(metrics['loss'])))
       if step % cfg.log_every_steps == 0 or step % eval_every == 0 \
-          or step == self.total_steps or self._first_loss is None:
+          or step == self.total_steps:
         pending = jax.device_get(metrics)
         self._check_diverged(step, float(pending['loss']))
         scalars = {f'train/{k}': float(v) for k, v in pending.items()}
