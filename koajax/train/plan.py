@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PLAN_JSON = 'plan.json'
 ADAPT_CHOICES = ('synthetic', 'always', 'never')
 # Training steps timed, after the first (which compiles), for the estimate.
-TIMED_STEPS = 10
+TIMED_STEPS = 3
 # A CPU run longer than this gets the hint that `:quick` exists.
 _LONG_RUN_S = 1800
 

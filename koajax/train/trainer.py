@@ -317,8 +317,8 @@ class Trainer:
         jax.block_until_ready(metrics)
         durations.append(time.perf_counter() - start)
         if len(durations) == plan_lib.TIMED_STEPS + 1:
-          # The first step compiles; the median of the next ones leaves out
-          # the data pipeline's warm-up.
+          # The first step compiles; the next ones are timed one by one
+          # (dispatch is asynchronous: only a wait says what a step costs).
           self.plan = plan_lib.estimate(
               self.plan, float(np.median(durations[1:])),
               self.total_steps - step)
