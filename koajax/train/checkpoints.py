@@ -152,15 +152,18 @@ def _is_orphaned_read(unraisable) -> bool:
   if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
     return True
   code = getattr(unraisable.object, 'cr_code', None)
-  return code is not None and 'orbax' in code.co_filename
+  return code is not None and ('orbax' in code.co_filename
+                               or 'tensorstore' in str(error).lower())
 
 
 class _QuietOrphanedReads(logging.Filter):
+  """Drops asyncio's report of a read whose restore had already failed."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith('Task exception was never retrieved')
-                and 'orbax' in message)
+    return not (message.startswith(('Task exception was never retrieved',
+                                    'Future exception was never retrieved'))
+                and ('orbax' in message or 'tensorstore' in message.lower()))
 
 
 _quiet = False
