@@ -86,3 +86,16 @@ def test_unknown_settings_name_the_field():
   with pytest.raises(ValueError, match='predict.ensemble'):
     predictor_lib.Predictor(members, task, runtime.data_mesh(8),
                             ensemble='votes')
+
+
+def test_non_finite_leaves_names_the_arrays_holding_nan_or_inf():
+  task = tasks.get('kl')
+  (member,) = _members(task, (0,))
+  assert predictor_lib.non_finite_leaves(member.params) == []
+  leaves, treedef = jax.tree_util.tree_flatten(member.params)
+  paths = [jax.tree_util.keystr(p, simple=True, separator='/') for p, _ in
+           jax.tree_util.tree_flatten_with_path(member.params)[0]]
+  leaves[1] = leaves[1].at[(0,) * leaves[1].ndim].set(np.nan)
+  leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(np.inf)
+  broken = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert predictor_lib.non_finite_leaves(broken) == [paths[1], paths[-1]]
