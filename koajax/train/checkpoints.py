@@ -31,6 +31,7 @@ from pathlib import Path
 import re
 import sys
 from typing import Any
+import warnings
 
 import grain
 import jax
@@ -289,6 +290,10 @@ class Checkpoints:
         found = damage_in(e, path)
         if found is None:
           raise
+        # The reads Orbax had started are dropped unfinished; Python warns
+        # about each when it collects them.
+        warnings.filterwarnings('ignore', category=RuntimeWarning,
+                                message="coroutine '.*' was never awaited")
         raise DamagedCheckpoint.found(path, *found) from e
     raise DamagedCheckpoint.found(path, *found)
 
