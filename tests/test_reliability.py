@@ -280,3 +280,46 @@ def test_divergence_before_any_checkpoint_says_so(data_root, tmp_path):
   assert 'step None' not in str(e.value)
   assert not (tmp_path / 'metrics.json').exists()
   assert cli.exit_code(e.value) == cli.FAILED
+
+
+# -- killed at any moment ----------------------------------------------------------
+
+def _train_command(workdir, data_root):
+  return [sys.executable, '-m', 'koajax.main',
+          '--config=configs/supervised.py:smoke', f'--workdir={workdir}',
+          f'--config.data.root={data_root}', '--config.num_epochs=4']
+
+
+def test_kill_9_during_training_then_rerun(data_root, tmp_path):
+  """kill -9 at seeded random moments after the first checkpoint, then the
+  same command: the report equals an uninterrupted run's."""
+  reference = tmp_path / 'reference'
+  subprocess.run(_train_command(reference, data_root), cwd=REPO, check=True,
+                 capture_output=True, timeout=600)
+  workdir = tmp_path / 'killed'
+  rng = __import__('numpy').random.default_rng(0)
+  kills = 0
+  for delay in rng.uniform(0.0, 4.0, size=2):
+    proc = subprocess.Popen(_train_command(workdir, data_root), cwd=REPO,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any((workdir / 'checkpoints').glob('[0-9]*')) \
+        and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    time.sleep(delay)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      kills += 1
+    proc.wait()
+  assert kills, 'the run ended before it could be killed'
+  subprocess.run(_train_command(workdir, data_root), cwd=REPO, check=True,
+                 capture_output=True, timeout=600)
+  a = json.loads((reference / 'metrics.json').read_text())
+  b = json.loads((workdir / 'metrics.json').read_text())
+  assert a['metrics'] == b['metrics']
+  steps = [json.loads(line)['step'] for line in
+           (workdir / 'metrics.jsonl').read_text().splitlines()]
+  ref_steps = [json.loads(line)['step'] for line in
+               (reference / 'metrics.jsonl').read_text().splitlines()]
+  assert steps == ref_steps  # each step logged once
