@@ -5,9 +5,10 @@
   2    bad input: a file, row, flag or config field the user can fix
   130  interrupted (Ctrl-C)
 
-A failure prints one line naming what is wrong and what to do; the
-traceback goes to a file named on that line, or to the terminal with
-`--verbose` (accepted by every command). Commands run their `main` through
+A failure prints one line naming what is wrong and what to do; for a
+failure that is not bad input the traceback goes to a file named on that
+line. `--verbose` (accepted by every command) prints the traceback
+instead. Commands run their `main` through
 `run` (argparse) or `run_absl` (absl flags).
 """
 
@@ -111,6 +112,8 @@ def report_failure(program: str, error: BaseException, verbose: bool) -> int:
     return code
   if verbose:
     traceback.print_exception(error, file=sys.stderr)
+    hint = ''
+  elif code == BAD_INPUT:  # the message says what to fix
     hint = ''
   else:
     path = _traceback_file(program, error)

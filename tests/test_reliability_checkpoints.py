@@ -229,7 +229,7 @@ def test_evaluate_names_a_damaged_checkpoint_and_the_intact_ones(reference,
       f'damaged: {damaged}: cannot be read (OUT_OF_RANGE). Intact '
       f'checkpoints: best_balanced_accuracy (step '
       f'{best["balanced_accuracy"]}), best_kappa (step {best["kappa"]}) '
-      '(choose one with --checkpoint) (traceback: ')
+      '(choose one with --checkpoint)')
   assert tree_hashes(run) == before
 
 

@@ -139,6 +139,8 @@ def check_same_run(workdir: str | Path,
              if not _allowed(d[0], allowed)]
   if not changed:
     return True
+  if any(f == 'method' for f, _, _ in changed):  # its options differ too
+    changed = [d for d in changed if not d[0].startswith('method_kwargs')]
   shown = '; '.join(f'{f}: {a!r} in the run, {b!r} now'
                     for f, a, b in changed[:4])
   more = f' and {len(changed) - 4} more' if len(changed) > 4 else ''
