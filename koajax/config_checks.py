@@ -210,8 +210,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     reconcile_method(config)
     if config.get('task'):
       from koajax import tasks  # pylint: disable=g-import-not-at-top
+      from koajax.train import predictor  # pylint: disable=g-import-not-at-top
       try:
-        tasks.from_config(config)
+        task = tasks.from_config(config)
+        if config.get('predict'):
+          predictor.check_settings(task, **dict(config.predict))
       except ValueError as e:
         raise cli.BadInput(cli.message(e)) from e
   return config

@@ -89,6 +89,7 @@ def run_command(*args, env=None):
     ('split.fold', 7, 'split.fold must be an integer in [0, '),
     ('split.labeled_fraction', 1.5, 'split.labeled_fraction'),
     ('predict.tta', 'ten_crop', "predict.tta must be 'none' or 'five_crop'"),
+    ('predict.tta_crop', 400, 'predict.tta_crop must lie in 1..'),
     ('task', 'womac', "unknown task 'womac'"),
     ('method', 'semimix', "unknown method 'semimix'"),
 ])
@@ -99,6 +100,8 @@ def test_bad_values_are_named_when_the_config_is_read(field, value, says):
   for part in path:
     node = node[part]
   node[leaf] = value
+  if field == 'predict.tta_crop':
+    config.predict.tta = 'five_crop'
   with pytest.raises(cli.BadInput) as e:
     config_checks.check(config)
   assert says in str(e.value)

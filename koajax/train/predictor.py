@@ -99,6 +99,23 @@ def _member_outputs(params, extra, images, *, graphdef, tta: str,
           for head in outs[0]}
 
 
+def check_settings(task: tasks_lib.Task, *, tta: str, tta_crop: int,
+                   ensemble: str) -> None:
+  """Raises ValueError naming the `predict.` field that cannot work with
+  `task`'s view (checked when a run's config is read, not after training)."""
+  if tta not in TTA:
+    raise ValueError(f'unknown predict.tta {tta!r}; choose one of '
+                     f'{", ".join(TTA)}')
+  if tta == 'five_crop':
+    size = task.view_size or views.VIEW_PX[task.view]
+    if not 0 < tta_crop < size:
+      raise ValueError(f'predict.tta_crop must lie in 1..{size - 1} px for '
+                       f'the {size} px {task.view} view; got {tta_crop}')
+  if ensemble not in ENSEMBLE:
+    raise ValueError(f'unknown predict.ensemble {ensemble!r}; choose one '
+                     f'of {", ".join(ENSEMBLE)}')
+
+
 class Predictor:
   """Probabilities of every head of a task, from one model or an ensemble."""
 
@@ -108,17 +125,7 @@ class Predictor:
                ensemble: str = 'probs'):
     if not members:
       raise ValueError('a predictor needs at least one run')
-    if tta not in TTA:
-      raise ValueError(f'unknown predict.tta {tta!r}; choose one of '
-                       f'{", ".join(TTA)}')
-    if tta == 'five_crop':
-      size = task.view_size or views.VIEW_PX[task.view]
-      if not 0 < tta_crop < size:
-        raise ValueError(f'predict.tta_crop must lie in 1..{size - 1} px for '
-                         f'the {size} px {task.view} view; got {tta_crop}')
-    if ensemble not in ENSEMBLE:
-      raise ValueError(f'unknown predict.ensemble {ensemble!r}; choose one '
-                       f'of {", ".join(ENSEMBLE)}')
+    check_settings(task, tta=tta, tta_crop=tta_crop, ensemble=ensemble)
     self.members = list(members)
     self.task = task
     self.mesh = mesh
