@@ -35,5 +35,9 @@ def create(cfg: ml_collections.ConfigDict, *, heads: Mapping[str, int],
   if cfg.name not in models:
     raise ValueError(f'unknown model {cfg.name!r} (config field model.name); '
                      f'choose one of {", ".join(sorted(models))}')
-  kwargs = {k: v for k, v in cfg.items() if k != 'name'}
-  return models[cfg.name](**kwargs, heads=dict(heads), rngs=rngs)
+  kwargs = {k: v for k, v in cfg.items() if k not in ('name', 'init')}
+  model = models[cfg.name](**kwargs, heads=dict(heads), rngs=rngs)
+  if cfg.get('init'):  # pretrained backbone weights from a file
+    from koajax.models import weights  # pylint: disable=g-import-not-at-top
+    weights.load_into(model, cfg.init)
+  return model
