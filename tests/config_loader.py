@@ -11,3 +11,17 @@ def load_config(name, arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def smoke_config(name, data_root, **overrides):
+  """The `smoke` preset of configs/<name>.py on the data under `data_root`,
+  with dotted-field overrides ('optimizer.learning_rate': 1e-3)."""
+  config = load_config(name, 'smoke')
+  config.data.root = data_root
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config

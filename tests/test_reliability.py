@@ -5,7 +5,6 @@ The data side (builds, manifests, paths) is in test_reliability_data.py and
 damaged checkpoints in test_reliability_checkpoints.py.
 """
 
-import hashlib
 import json
 import logging
 import math
@@ -19,6 +18,8 @@ import time
 import pytest
 
 from config_loader import load_config
+from config_loader import smoke_config
+from file_hashes import file_hashes
 from koajax import cli
 from koajax import config_checks
 from koajax import train
@@ -32,25 +33,10 @@ def data_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp('data'))
 
 
-def smoke(name, data_root, **fields):
-  config = load_config(name, 'smoke')
-  config.data.root = data_root
-  for key, value in fields.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
 def tree_hashes(directory):
-  """{relative path: sha256} of every file under `directory` but the lock
-  (which says who holds the workdir)."""
-  return {str(p.relative_to(directory)): hashlib.sha256(
-      p.read_bytes()).hexdigest()
-          for p in sorted(Path(directory).rglob('*'))
-          if p.is_file() and p.name != workdir_lib.LOCK_FILE}
+  """File hashes under `directory` but the lock's (which says who holds the
+  workdir)."""
+  return file_hashes(directory, skip=(workdir_lib.LOCK_FILE,))
 
 
 def run_command(*args, env=None):
@@ -186,7 +172,7 @@ def test_exit_codes_of_failures():
 @pytest.fixture(scope='module')
 def finished_run(data_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
-  train.train_and_evaluate(smoke('supervised', data_root), workdir)
+  train.train_and_evaluate(smoke_config('supervised', data_root), workdir)
   return workdir
 
 
@@ -200,7 +186,7 @@ def finished_run(data_root, tmp_path_factory):
 def test_another_run_in_a_workdir_is_refused_untouched(
     finished_run, data_root, name, field, value, says):
   before = tree_hashes(finished_run)
-  config = smoke(name, data_root, **({field: value} if field else {}))
+  config = smoke_config(name, data_root, **({field: value} if field else {}))
   with pytest.raises(cli.BadInput) as e:
     train.train_and_evaluate(config, finished_run)
   assert f'{finished_run} holds another run' in str(e.value)
@@ -211,7 +197,7 @@ def test_another_run_in_a_workdir_is_refused_untouched(
 
 def test_more_epochs_need_resume_changed(finished_run, data_root, tmp_path):
   before = tree_hashes(finished_run)
-  config = smoke('supervised', data_root, num_epochs=3)
+  config = smoke_config('supervised', data_root, num_epochs=3)
   with pytest.raises(cli.BadInput,
                      match='--config.resume_changed=num_epochs to go on'):
     train.Trainer(config, finished_run)
@@ -220,16 +206,16 @@ def test_more_epochs_need_resume_changed(finished_run, data_root, tmp_path):
   with pytest.raises(cli.BadInput, match='model.width, which cannot change'):
     train.Trainer(config, finished_run)
   # Harmless fields never count: the same run resumes (and has nothing to do).
-  same = smoke('supervised', data_root, log_every_steps=7, progress_bar=True)
+  same = smoke_config('supervised', data_root, log_every_steps=7, progress_bar=True)
   assert train.Trainer(same, finished_run).resuming
 
 
 def test_resume_changed_goes_on_with_more_epochs(data_root, tmp_path):
-  config = smoke('supervised', data_root)
+  config = smoke_config('supervised', data_root)
   train.train_and_evaluate(config, tmp_path)
   steps = [json.loads(line)['step'] for line in
            (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  longer = smoke('supervised', data_root, num_epochs=4,
+  longer = smoke_config('supervised', data_root, num_epochs=4,
                  resume_changed='num_epochs')
   train.train_and_evaluate(longer, tmp_path)
   saved = json.loads((tmp_path / 'config.json').read_text())
@@ -242,7 +228,7 @@ def test_resume_changed_goes_on_with_more_epochs(data_root, tmp_path):
 def test_a_folder_that_is_not_a_run_is_refused(data_root, tmp_path):
   (tmp_path / 'metrics.json').write_text('{"mine": 1}')
   with pytest.raises(cli.BadInput, match='not a koajax run'):
-    train.Trainer(smoke('supervised', data_root), tmp_path)
+    train.Trainer(smoke_config('supervised', data_root), tmp_path)
   assert (tmp_path / 'metrics.json').read_text() == '{"mine": 1}'
 
 
@@ -275,7 +261,7 @@ def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
 # -- a run that diverges never reports -------------------------------------------
 
 def test_divergence_before_any_checkpoint_says_so(data_root, tmp_path):
-  config = smoke('supervised', data_root, num_epochs=4, eval_every_epochs=4)
+  config = smoke_config('supervised', data_root, num_epochs=4, eval_every_epochs=4)
   config.optimizer.learning_rate = 1e6
   with pytest.raises(train.DivergedError) as e:
     train.train_and_evaluate(config, tmp_path)

@@ -5,7 +5,6 @@ is left byte-identical; metrics.jsonl holds each step once after a resume;
 a damaged sweep part is computed again."""
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from config_loader import load_config
+from file_hashes import file_hashes as tree_hashes
 from koajax import cli
 from koajax import config_lib
 from koajax import evaluate
@@ -62,13 +62,6 @@ def copy_run(reference, dest):
   shutil.copytree(reference, dest, ignore=shutil.ignore_patterns('eval',
                                                                  'sweep'))
   return dest
-
-
-def tree_hashes(directory):
-  """{relative path: sha256} of every file under `directory`."""
-  return {str(p.relative_to(directory)): hashlib.sha256(
-      p.read_bytes()).hexdigest()
-          for p in sorted(Path(directory).rglob('*')) if p.is_file()}
 
 
 def truncate(path):

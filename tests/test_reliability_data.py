@@ -10,7 +10,6 @@ file paths appear as the manifest writes them, or not at all with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from file_hashes import file_hashes
 from koajax import cli
 from koajax.data import atomic
 from koajax.data import build
@@ -76,15 +76,6 @@ def _private_tmp(tmp_path, monkeypatch):
   folder.mkdir()
   monkeypatch.setattr(tempfile, 'tempdir', str(folder))
   return folder
-
-
-def _files(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-  """{relative path: sha256} of every file under `folder` ({} if none)."""
-  if not folder.exists():
-    return {}
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob('*'))
-          if p.is_file() and p.name not in skip}
 
 
 def _leftovers(target: Path) -> list[str]:
@@ -164,7 +155,7 @@ def test_bad_manifests_are_one_line_exit_2_and_touch_nothing(
   text = manifest.read_text()
   out = tmp_path / 'cache'
   shutil.copytree(data / 'cache', out)  # a cache the failures must keep
-  before = _files(out)
+  before = file_hashes(out)
   for name, (content, message) in _manifest_cases(text).items():
     bad = tmp_path / 'study' / 'bad.csv'
     bad.write_bytes(content)
@@ -175,7 +166,7 @@ def test_bad_manifests_are_one_line_exit_2_and_touch_nothing(
     assert code == cli.BAD_INPUT, (name, err)
     assert _one_error_line('koajax.data.build', err).startswith(
         message.format(path=bad)), (name, err)
-    assert _files(out) == before, name
+    assert file_hashes(out) == before, name
     assert not _leftovers(out), name
 
   # The landmarks file is checked the same way.
@@ -186,7 +177,7 @@ def test_bad_manifests_are_one_line_exit_2_and_touch_nothing(
   assert code == cli.BAD_INPUT
   assert _one_error_line('koajax.data.build', err).startswith(
       f"{marks} uses ';' as its delimiter")
-  assert _files(out) == before
+  assert file_hashes(out) == before
 
 
 # --------------------------------------------------- refused folders ----
@@ -210,7 +201,7 @@ def test_build_refuses_a_folder_that_is_not_a_cache(data, tmp_path, capsys):
     out.mkdir(exist_ok=True)
     for file, content in files.items():
       (out / file).write_text(content)
-    before = _files(out)
+    before = file_hashes(out)
     code, err = _call('koajax.data.build', build.main, [
         f'--manifest={manifest}', f'--out={out}', '--workers=1'], capsys)
     assert code == cli.BAD_INPUT, (name, err)
@@ -218,7 +209,7 @@ def test_build_refuses_a_folder_that_is_not_a_cache(data, tmp_path, capsys):
         f'{out} holds files that are not a koajax cache ({shown}); koajax '
         'replaces only its own caches: give a new or empty folder for the '
         'cache'), (name, err)
-    assert _files(out) == before, name
+    assert file_hashes(out) == before, name
     assert not _leftovers(out), name
 
   a_file = tmp_path / 'a_file'
@@ -236,14 +227,14 @@ def test_generation_refuses_a_folder_it_did_not_write(tmp_path, capsys):
   (out / 'images').mkdir(parents=True)
   (out / 'images' / 'knee.dcm').write_bytes(b'DICM' * 10)
   (out / 'manifest.csv').write_text('subject_id\n1\n')
-  before = _files(out)
+  before = file_hashes(out)
   code, err = _call('koajax.data.synthetic', synthetic.main, [
       f'--out={out}', '--num_subjects=1', '--workers=1'], capsys)
   assert code == cli.BAD_INPUT
   assert _one_error_line('koajax.data.synthetic', err).startswith(
       f'{out} holds files that are not a koajax synthetic dataset (images, '
       'manifest.csv); koajax replaces only datasets it generated')
-  assert _files(out) == before and not _leftovers(out)
+  assert file_hashes(out) == before and not _leftovers(out)
 
 
 def test_png_folders_refuse_split_folders_they_did_not_write(tmp_path, capsys):
@@ -254,13 +245,13 @@ def test_png_folders_refuse_split_folders_they_did_not_write(tmp_path, capsys):
   out = tmp_path / 'out'
   (out / 'test').mkdir(parents=True)
   (out / 'test' / 'mine.txt').write_text('keep')
-  before = _files(out)
+  before = file_hashes(out)
   code, err = _call('koajax.data.png_folders', png_folders.main, [
       f'--root={root}', f'--out={out}', '--roi_px=16'], capsys)
   assert code == cli.BAD_INPUT
   assert _one_error_line('koajax.data.png_folders', err).startswith(
       f'{out / "test"} holds files that are not a koajax cache (mine.txt)')
-  assert _files(out) == before
+  assert file_hashes(out) == before
 
   (out / 'test' / 'mine.txt').unlink()
   assert png_folders.main([f'--root={root}', f'--out={out}',
@@ -386,22 +377,22 @@ def _kill_and_rerun(cmd, out: Path, moments, *, old: Path | None,
   for i, (name, when) in enumerate(moments):
     if old is not None and i % 2:
       shutil.copytree(old, out)
-    before = _files(out)
+    before = file_hashes(out)
     assert before != reference
     with open(tmp / 'killed.log', 'wb') as log:
       proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=_env(tmp))
       stopped = _stop_when(proc, when)
     assert proc.returncode == (-signal.SIGKILL if stopped else 0), (
         (tmp / 'killed.log').read_text())
-    if _files(out) == before:
+    if file_hashes(out) == before:
       killed.append(name)
     else:  # killed after the new output took the old one's place
-      assert _files(out, skip) == reference, f'killed {name}: {out} changed'
+      assert file_hashes(out, skip) == reference, f'killed {name}: {out} changed'
 
     rerun = subprocess.run(cmd, capture_output=True, env=_env(tmp),
                            timeout=120, check=False)
     assert rerun.returncode == 0, rerun.stderr.decode()
-    assert _files(out, skip) == reference, f'rerun after {name}'
+    assert file_hashes(out, skip) == reference, f'rerun after {name}'
     assert not _leftovers(out), f'rerun after {name}'
     logs = rerun.stdout + rerun.stderr + (tmp / 'killed.log').read_bytes()
     assert not [v for v in identities if v.encode() in logs]
@@ -430,7 +421,7 @@ def test_kill_9_during_generation_then_rerun(data, tmp_path, identities):
       *[(f'after {t:.2f} s', float(t)) for t in rng.uniform(0.3, 1.5, 2)],
   ]
   killed = _kill_and_rerun(cmd, out, moments, old=old,
-                           reference=_files(data / 'raw'), skip=(),
+                           reference=file_hashes(data / 'raw'), skip=(),
                            tmp=tmp_path, identities=identities)
   # Those two are long before the dataset is complete.
   assert {'when its folder appears', 'after its second image'} <= set(killed)
@@ -453,7 +444,7 @@ def test_kill_9_during_build_then_rerun(data, tmp_path, identities):
       *[(f'after {t:.2f} s', float(t)) for t in rng.uniform(0.3, 1.5, 2)],
   ]
   # summary.json holds the build's duration; everything else is compared.
-  reference = _files(data / 'cache', skip=(cache.SUMMARY,))
+  reference = file_hashes(data / 'cache', skip=(cache.SUMMARY,))
   killed = _kill_and_rerun(cmd, out, moments, old=old, reference=reference,
                            skip=(cache.SUMMARY,), tmp=tmp_path,
                            identities=identities)
@@ -477,7 +468,7 @@ def test_ctrl_c_leaves_the_folder_as_it_was(program, data, tmp_path):
   else:
     shutil.copytree(data / 'raw', out)
     args = ['--num_subjects=2', '--seed=5', '--workers=1']
-  before = _files(out)
+  before = file_hashes(out)
   proc = subprocess.Popen([sys.executable, '-m', program, f'--out={out}',
                            *args], stderr=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, env=_env(tmp_path))
@@ -486,7 +477,7 @@ def test_ctrl_c_leaves_the_folder_as_it_was(program, data, tmp_path):
   err = proc.stderr.read().decode()
   assert proc.returncode == cli.INTERRUPTED, err
   assert err.strip().splitlines()[-1] == f'{program}: interrupted'
-  assert _files(out) == before
+  assert file_hashes(out) == before
   assert not _leftovers(out)  # removed on the way out, not left for later
 
 

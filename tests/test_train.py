@@ -25,7 +25,7 @@ from koajax import methods
 from koajax import train
 from koajax.data import split_recipes
 from koajax.train import step as step_lib
-from config_loader import load_config
+from config_loader import smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,18 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp('data'))
-
-
-def smoke_config(name, data_root, **overrides):
-  config = load_config(name, 'smoke')
-  config.data.root = data_root
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
 
 
 @pytest.mark.parametrize('method', ['supervised', 'mixup', 'pi_model', 'ict',
