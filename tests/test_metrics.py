@@ -159,6 +159,69 @@ def test_resampled_metrics_equal_sklearn_on_the_repeated_samples():
                                  atol=1e-12, err_msg=name)
 
 
+def _sklearn_f1_weighted(y, pred, sample_weight=None):
+  """scikit-learn's weighted F1 with its default labels (y_true | y_pred)."""
+  return sk_metrics.f1_score(y, pred, average='weighted',
+                             sample_weight=sample_weight)
+
+
+@pytest.mark.parametrize('num_classes,seed', [(5, 0), (4, 1), (2, 2), (3, 3)])
+def test_f1_weighted_equals_sklearn(num_classes, seed):
+  y, probs = _predictions(250, num_classes, seed=seed, signal=0.8)
+  pred = probs.argmax(axis=1)
+  want = _sklearn_f1_weighted(y, pred)
+  got = metrics.classification_metrics(y, probs)['f1_weighted']
+  assert got == pytest.approx(want, rel=1e-12)
+  vectorised = metrics.resampled_metrics(y, probs, np.ones((1, y.size)))
+  assert vectorised['f1_weighted'][0] == pytest.approx(want, rel=1e-12)
+
+
+# With sample_weight, scikit-learn still lists a grade whose samples all have
+# weight 0 and warns that its F1 is 0/0; its weight (support) is 0 as well.
+@pytest.mark.filterwarnings(
+    'ignore:F-score is ill-defined:sklearn.exceptions.UndefinedMetricWarning')
+def test_resampled_f1_weighted_equals_sklearn_with_absent_classes():
+  y, probs = _predictions(300, seed=8, signal=0.8)
+  pred = probs.argmax(axis=1)
+  rng = np.random.default_rng(3)
+  counts = rng.integers(0, 3, size=(5, y.size)).astype(float)
+  counts[1, y == 4] = 0  # grade 4 absent from y_true (it may be predicted)
+  counts[2, pred == 3] = 0  # grade 3 never predicted (it still occurs)
+  counts[3, (y == 0) | (pred == 0)] = 0  # grade 0 absent from both
+  counts[4] = rng.random(y.size)  # non-integer weights too
+  assert np.any(counts[1, pred == 4] > 0) and np.any(counts[2, y == 3] > 0)
+  got = metrics.resampled_metrics(y, probs, counts)['f1_weighted']
+  for row, weights in enumerate(counts):
+    assert got[row] == pytest.approx(
+        _sklearn_f1_weighted(y, pred, sample_weight=weights), rel=1e-12), row
+    if row < 4:  # integer counts: the repeated samples, as a bootstrap draws
+      repeat = np.repeat(np.arange(y.size), weights.astype(int))
+      assert got[row] == pytest.approx(
+          _sklearn_f1_weighted(y[repeat], pred[repeat]), rel=1e-12), row
+      # Also the scikit-learn path, which passes the present labels itself.
+      assert got[row] == pytest.approx(metrics.classification_metrics(
+          y[repeat], probs[repeat])['f1_weighted'], rel=1e-12), row
+
+
+def test_f1_weighted_never_predicted_grade_counts_as_zero():
+  # Grade 2 occurs but is never predicted: its F1 is 0 with weight 1/4, and
+  # sklearn must not fall back on zero_division for it.
+  y = np.array([0, 0, 1, 2])
+  probs = np.eye(3)[[0, 0, 1, 1]]
+  got = metrics.classification_metrics(y, probs)['f1_weighted']
+  assert got == pytest.approx(0.5 * 1.0 + 0.25 * (2 / 3) + 0.25 * 0.0)
+  assert got == pytest.approx(_sklearn_f1_weighted(y, probs.argmax(axis=1)))
+
+
+def test_bootstrap_f1_weighted_point_value_is_sklearns():
+  y, probs = _predictions(400, seed=9, signal=0.8)
+  ci = bootstrap.stratified_ci(metrics.kl_metrics, y, probs, n_resamples=100,
+                               seed=0)['f1_weighted']
+  assert ci.estimate == pytest.approx(
+      _sklearn_f1_weighted(y, probs.argmax(axis=1)), rel=1e-12)
+  assert ci.low < ci.estimate < ci.high
+
+
 # Bootstrap.
 
 
@@ -395,3 +458,66 @@ def test_joint_mean_ci_equals_a_loop_over_the_same_resamples():
                                       probs[h][labels[h] >= 0])[name]
                         for h in heads])
     assert got[name].estimate == pytest.approx(estimate, rel=1e-9), name
+
+
+# Binary tasks pooled over heads.
+
+
+def _pooled_rows(n_knees=200, seed=0):
+  """Two heads' binary rows of the same knees, some knees graded by one."""
+  rng = np.random.default_rng(seed)
+  positive, score, knees = [], [], []
+  for head in range(2):
+    graded = np.flatnonzero(rng.random(n_knees) > 0.15 + 0.1 * head)
+    truth = rng.random(graded.size) < 0.35
+    positive.append(truth)
+    # Rounded scores: tied rows within and across heads.
+    score.append(np.round(rng.normal(size=graded.size) + truth, 1))
+    knees.append(graded)
+  return (np.concatenate(positive), np.concatenate(score),
+          np.concatenate(knees))
+
+
+def test_clustered_ranking_ci_equals_sklearn_over_the_same_resamples():
+  positive, score, knees = _pooled_rows()
+  n_resamples, seed = 40, 5
+  got = bootstrap.clustered_ranking_ci(positive, score, knees,
+                                       n_resamples=n_resamples, seed=seed)
+  assert got['roc_auc'].estimate == pytest.approx(
+      sk_metrics.roc_auc_score(positive, score), rel=1e-12)
+  assert got['average_precision'].estimate == pytest.approx(
+      sk_metrics.average_precision_score(positive, score), rel=1e-12)
+  # The documented strata: each knee's number of rows and of positive rows.
+  ids = np.unique(knees)
+  rows = np.array([np.sum(knees == k) for k in ids])
+  positives = np.array([np.sum(positive[knees == k]) for k in ids])
+  indices = bootstrap.stratified_resample_indices(
+      rows * (positive.size + 1) + positives, n_resamples=n_resamples,
+      seed=seed)
+  values = {'roc_auc': [], 'average_precision': []}
+  for drawn in indices:
+    # Every drawn knee brings all its rows, as often as it was drawn.
+    take = np.concatenate([np.flatnonzero(knees == ids[k]) for k in drawn])
+    assert take.size == positive.size
+    assert positive[take].sum() == positive.sum()
+    values['roc_auc'].append(sk_metrics.roc_auc_score(positive[take],
+                                                      score[take]))
+    values['average_precision'].append(sk_metrics.average_precision_score(
+        positive[take], score[take]))
+  for name, want in values.items():
+    low, high = np.percentile(want, [2.5, 97.5])
+    assert got[name].low == pytest.approx(low, rel=1e-9), name
+    assert got[name].high == pytest.approx(high, rel=1e-9), name
+    assert got[name].low < got[name].estimate < got[name].high, name
+
+
+def test_clustered_ranking_ci_undefined_and_bad_inputs():
+  positive, score, knees = _pooled_rows(50, seed=1)
+  one_class = bootstrap.clustered_ranking_ci(
+      np.zeros_like(positive), score, knees, n_resamples=10)
+  assert all(np.isnan(v) for ci in one_class.values() for v in ci)
+  empty = bootstrap.clustered_ranking_ci([], [], [], n_resamples=10)
+  assert set(empty) == set(metrics.RANKING_METRICS)
+  assert all(np.isnan(v) for ci in empty.values() for v in ci)
+  with pytest.raises(ValueError, match='one shape'):
+    bootstrap.clustered_ranking_ci(positive, score, knees[:-1])

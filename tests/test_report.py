@@ -61,8 +61,9 @@ def test_single_head_layout_is_unchanged(written):
                           'positive_from', 'bootstrap', 'metrics',
                           'confusion_matrix', 'files']
   assert list(result['metrics']) == [
-      'balanced_accuracy', 'kappa', 'mse', 'accuracy', 'log_loss',
-      *(f'recall_{k}' for k in range(5)), 'roc_auc', 'average_precision']
+      'balanced_accuracy', 'kappa', 'mse', 'accuracy', 'f1_weighted',
+      'log_loss', *(f'recall_{k}' for k in range(5)), 'roc_auc',
+      'average_precision']
   assert result['files'] == {'predictions': report.PREDICTIONS_CSV,
                              'confusion_matrix': report.CONFUSION_PNG,
                              'roc': report.ROC_PNG, 'pr': report.PR_PNG}
@@ -107,6 +108,7 @@ def test_metrics_json_agrees_with_sklearn_on_predictions_csv(written):
       'kappa': sk_metrics.cohen_kappa_score(y, pred, weights='quadratic'),
       'mse': sk_metrics.mean_squared_error(y, pred),
       'accuracy': sk_metrics.accuracy_score(y, pred),
+      'f1_weighted': sk_metrics.f1_score(y, pred, average='weighted'),
       'log_loss': sk_metrics.log_loss(y, probs, labels=range(5)),
       'roc_auc': sk_metrics.roc_auc_score(y >= 2, score),
       'average_precision': sk_metrics.average_precision_score(y >= 2, score),
@@ -117,6 +119,7 @@ def test_metrics_json_agrees_with_sklearn_on_predictions_csv(written):
       y, pred, labels=range(5)).tolist()
   recomputed = predictions.metrics_from_predictions(
       out / report.PREDICTIONS_CSV)
+  assert set(recomputed) - {'confusion_matrix'} == set(result['metrics'])
   for name, entry in result['metrics'].items():
     assert entry['estimate'] == pytest.approx(recomputed[name]), name
 
@@ -230,3 +233,24 @@ def test_positive_from_defaults_to_none(tmp_path):
   assert not (tmp_path / report.ROC_PNG).exists()
   shown = json.loads(report.headline(result))
   assert list(shown) == ['balanced_accuracy', 'kappa', 'mse']
+
+
+def test_pooled_task_of_one_head_equals_its_binary_task(tmp_path):
+  run = _run(n=120, seed=5)
+  result = report.write_report(tmp_path, n_resamples=50, seed=3,
+                               positive_from={'kl': 2},
+                               pooled_binary={'oa': ['kl']}, **run)
+  assert list(result)[-1] == 'pooled'  # the single-head layout, extended
+  entry = result['pooled']['oa']
+  y = run['labels']['kl']
+  assert entry['heads'] == ['kl'] and entry['positive_from'] == {'kl': 2}
+  assert (entry['n'], entry['n_positive'], entry['n_knees']) == (
+      120, int((y >= 2).sum()), 120)
+  for name in ('roc_auc', 'average_precision'):
+    assert entry['metrics'][name]['estimate'] == pytest.approx(
+        result['metrics'][name]['estimate'], rel=1e-12), name
+  assert entry['files'] == {'roc': 'roc_oa.png', 'pr': 'pr_oa.png'}
+  for name in entry['files'].values():
+    assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # No heads table for a single head.
+  assert not (tmp_path / report.HEADS_TABLE_MD).exists()

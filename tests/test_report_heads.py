@@ -108,7 +108,12 @@ def test_metrics_json_layout(written):
   out, run, result = written
   assert json.loads((out / report.METRICS_JSON).read_text()) == result
   assert list(result) == ['n_knees', 'n_subjects', 'bootstrap', 'heads',
-                          'mean']
+                          'mean', 'files']
+  assert result['files'] == {'predictions': report.PREDICTIONS_CSV,
+                             'heads_table_md': report.HEADS_TABLE_MD,
+                             'heads_table_png': report.HEADS_TABLE_PNG}
+  for name in result['files'].values():
+    assert (out / name).stat().st_size > 0, name
   assert result['n_knees'] == NUM_KNEES
   assert result['n_subjects'] == NUM_KNEES // 2
   assert result['bootstrap']['n_resamples'] == 100
@@ -145,11 +150,17 @@ def test_each_head_equals_sklearn_on_its_graded_knees(written, head):
       positive_from=POSITIVE_FROM.get(head))
   for name, value in want.items():
     assert recomputed[name] == pytest.approx(value), name
+  # predictions.csv gives back every metric of metrics.json.
+  assert set(recomputed) - {'confusion_matrix'} == set(entry['metrics'])
+  for name, value in entry['metrics'].items():
+    assert value['estimate'] == pytest.approx(recomputed[name],
+                                              nan_ok=True), name
 
 
 def test_mean_over_heads(written):
   _, run, result = written
-  per_head = {head: sklearn_reference.sklearn_head(*_graded(run, head), POSITIVE_FROM.get(head))
+  per_head = {head: sklearn_reference.sklearn_head(*_graded(run, head),
+                                 POSITIVE_FROM.get(head))
               for head in MEAN_HEADS}
   # Only metrics every mean head has: jsn_m alone has roc_auc.
   shared = set.intersection(*(set(v) for v in per_head.values()))
@@ -286,3 +297,105 @@ def test_compare_picks_a_head_and_skips_ungraded_knees(tmp_path):
   first = compare.compare_predictions(tmp_path / 'a.csv', tmp_path / 'b.csv',
                                       n_chunks=10)
   assert first['n_knees'] == 160
+
+
+# Binary tasks pooled over heads.
+
+POOLED_POSITIVE_FROM = {'kl': 2, 'ost_tl': 1, 'ost_fl': 1, 'ost_tm': 2,
+                        'ost_fm': 1}
+POOLED = {'ost_lateral': ('ost_tl', 'ost_fl'),
+          'ost_medial': ('ost_tm', 'ost_fm')}
+
+
+@pytest.fixture(scope='module')
+def pooled_written(tmp_path_factory):
+  out = tmp_path_factory.mktemp('pooled')
+  run = _run(seed=7)
+  result = report.write_report(out, positive_from=POOLED_POSITIVE_FROM,
+                               pooled_binary=POOLED, n_resamples=100, seed=2,
+                               **run)
+  return out, run, result
+
+
+def _pooled_by_hand(run, heads):
+  """The concatenated binary rows of the heads' graded knees."""
+  positive, score, knees = [], [], []
+  for head in heads:
+    y, probs = _graded(run, head)
+    threshold = POOLED_POSITIVE_FROM[head]
+    positive.append(y >= threshold)
+    score.append(probs[:, threshold:].astype(np.float64).sum(axis=1))
+    knees.append(np.flatnonzero(run['labels'][head] >= 0))
+  return (np.concatenate(positive), np.concatenate(score),
+          np.concatenate(knees))
+
+
+@pytest.mark.parametrize('name', list(POOLED))
+def test_pooled_task_equals_sklearn_on_the_concatenated_rows(pooled_written,
+                                                             name):
+  out, run, result = pooled_written
+  entry = result['pooled'][name]
+  positive, score, knees = _pooled_by_hand(run, POOLED[name])
+  assert entry['heads'] == list(POOLED[name])
+  assert entry['positive_from'] == {h: POOLED_POSITIVE_FROM[h]
+                                    for h in POOLED[name]}
+  assert entry['n'] == positive.size
+  assert entry['n_positive'] == positive.sum()
+  assert entry['n_knees'] == np.unique(knees).size
+  want = {'roc_auc': sk_metrics.roc_auc_score(positive, score),
+          'average_precision': sk_metrics.average_precision_score(positive,
+                                                                  score)}
+  assert set(entry['metrics']) == set(want)
+  for metric, value in want.items():
+    got = entry['metrics'][metric]
+    # float32 probabilities summed after the CSV round trip: equal to
+    # rounding, ties included.
+    assert got['estimate'] == pytest.approx(value, rel=1e-9), metric
+    assert got['ci_low'] < got['estimate'] < got['ci_high'], metric
+  assert entry['files'] == {'roc': f'roc_{name}.png', 'pr': f'pr_{name}.png'}
+  for file_name in entry['files'].values():
+    assert (out / file_name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    pixels = mpl_image.imread(out / file_name)
+    assert pixels[..., :3].std() > 0.05, file_name
+
+
+def test_pooled_layout_and_bootstrap(pooled_written, tmp_path):
+  out, run, result = pooled_written
+  assert list(result) == ['n_knees', 'n_subjects', 'bootstrap', 'heads',
+                          'pooled', 'files']
+  assert list(result['pooled']) == list(POOLED)
+  assert 'pooled_method' in result['bootstrap']
+  assert json.loads((out / report.METRICS_JSON).read_text()) == result
+  # Seeded like the rest: the same seed gives the same interval.
+  again = report.write_report(tmp_path, positive_from=POOLED_POSITIVE_FROM,
+                              pooled_binary=POOLED, n_resamples=100, seed=2,
+                              **run)
+  assert again['pooled'] == result['pooled']
+  other = report.write_report(tmp_path, positive_from=POOLED_POSITIVE_FROM,
+                              pooled_binary=POOLED, n_resamples=100, seed=3,
+                              **run)
+  assert (other['pooled']['ost_lateral']['metrics']['roc_auc']['ci_low']
+          != result['pooled']['ost_lateral']['metrics']['roc_auc']['ci_low'])
+  # Without pooled tasks there is no 'pooled' key, nor its figures.
+  assert 'pooled' not in report.write_report(
+      tmp_path / 'plain', positive_from=POOLED_POSITIVE_FROM,
+      n_resamples=10, **run)
+  assert not (tmp_path / 'plain' / 'roc_ost_lateral.png').exists()
+
+
+@pytest.mark.parametrize('pooled,match', [
+    ({'ost_lateral': ('ost_tl', 'jsn_x')}, 'needs some of the heads'),
+    ({'ost_lateral': ()}, 'needs some of the heads'),
+    ({'ost_lateral': ('ost_tl', 'jsn_l')}, 'no positive_from'),
+    ({'ost_lateral': ('ost_tl', 'ost_tl')}, 'repeats a head'),
+    ({'ost_lateral': 'ost_tl'}, 'not the string'),
+    ({'ost_tl': ('ost_tl', 'ost_fl')}, 'named like a head'),
+    ({'a/b': ('ost_tl', 'ost_fl')}, 'bad pooled task name'),
+])
+def test_bad_pooled_tasks_are_rejected_before_writing(tmp_path, pooled,
+                                                      match):
+  run = _run(n=20, seed=3)
+  with pytest.raises(ValueError, match=match):
+    report.write_report(tmp_path, positive_from=POOLED_POSITIVE_FROM,
+                        pooled_binary=pooled, n_resamples=5, **run)
+  assert not list(tmp_path.iterdir())

@@ -1,14 +1,17 @@
 """Evaluation: grade metrics, bootstrap intervals, significance tests, reports.
 
-  metrics       balanced accuracy, quadratic kappa, MSE, confusion matrix,
-                ROC AUC / average precision of grade >= t (KL >= 2)
+  metrics       balanced accuracy, quadratic kappa, MSE, weighted F1,
+                confusion matrix, ROC AUC / average precision of grade >= t
+                (KL >= 2)
   heads         the metrics of a model with several heads, knees a head does
                 not grade left out
-  bootstrap     stratified bootstrap percentile intervals
+  bootstrap     stratified bootstrap percentile intervals (and knee-clustered
+                ones for binary findings pooled over heads)
   significance  chunked Wilcoxon signed-rank test (Semixup), McNemar test
   plots         confusion matrix, ROC and precision-recall PNGs
   predictions   predictions.csv: writing, reading, recomputing metrics
   report        predictions.csv + metrics.json + figures of one run
+  heads_table   the per-head table of a multi-head report (markdown + PNG)
   compare       CLI: python -m koajax.evaluation.compare --a=... --b=...
 """
 

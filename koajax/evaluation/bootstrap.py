@@ -17,6 +17,11 @@ one call per resample.
 model (KL and the OARSI grades): knees are resampled jointly, so each resample
 scores every head on the same knees and the interval reflects how the heads'
 errors move together.
+
+`clustered_ranking_ci` is the interval of ROC AUC and average precision of
+binary rows pooled over heads (osteophytes of the lateral tibia and femur,
+say): a knee contributes a row per head, and resampling knees keeps those
+rows together, as they are not independent.
 """
 
 from __future__ import annotations
@@ -207,3 +212,57 @@ def joint_mean_ci(heads: Sequence[tuple[metrics_lib.MetricSet, np.ndarray,
   return {name: Interval(estimate[name], *percentile_interval(
       np.concatenate([part[name] for part in parts]) / len(tasks), level))
           for name in names}
+
+
+def clustered_ranking_ci(positive, score, groups, *, n_resamples: int = 1000,
+                         seed: int = 0, level: float = 0.95
+                         ) -> dict[str, Interval]:
+  """ROC AUC and average precision with intervals from resampling groups.
+
+  Rows are binary predictions, several per group (a knee's rows of the heads
+  pooled into one binary task). Each resample draws groups with replacement
+  and keeps all rows of a drawn group. Groups are stratified by their number
+  of rows and of positive rows, so every resample has as many rows and
+  positives as the data, as `stratified_ci` keeps the class sizes.
+
+  Args:
+    positive: (m,) bool binary targets of the rows.
+    score: (m,) scores of the rows.
+    groups: (m,) the group (knee) of each row; any labels np.unique sorts.
+    n_resamples: number of bootstrap resamples.
+    seed: seed of the resampling.
+    level: confidence level of the two-sided percentile interval.
+
+  Returns:
+    'roc_auc' and 'average_precision' -> Interval(scikit-learn estimate on all
+    rows, low, high); NaN throughout without rows, and NaN estimates when only
+    one binary class is present.
+  """
+  _check_options(n_resamples, level)
+  positive = np.asarray(positive, bool)
+  score = np.asarray(score, np.float64)
+  groups = np.asarray(groups)
+  if not positive.shape == score.shape == groups.shape or positive.ndim != 1:
+    raise ValueError(f'need positive, score and groups of one shape (m,); got '
+                     f'{positive.shape}, {score.shape} and {groups.shape}')
+  if not positive.size:
+    undefined = Interval(np.nan, np.nan, np.nan)
+    return dict.fromkeys(metrics_lib.RANKING_METRICS, undefined)
+  point = metrics_lib.ranking_metrics(positive, score)
+  _, group_of_row = np.unique(groups, return_inverse=True)
+  group_of_row = group_of_row.ravel()
+  rows = np.bincount(group_of_row)
+  positives = np.bincount(group_of_row, weights=positive).astype(np.int64)
+  strata = rows * (positive.size + 1) + positives
+  indices = stratified_resample_indices(strata, n_resamples=n_resamples,
+                                        seed=seed)
+  block = max(1, _BLOCK_ELEMENTS // positive.size)
+  parts = []
+  for start in range(0, n_resamples, block):
+    counts = indices_to_counts(indices[start:start + block], rows.size)
+    # A row occurs as often as its group was drawn.
+    parts.append(metrics_lib.weighted_ranking_metrics(
+        positive, score, counts[:, group_of_row]))
+  return {name: Interval(point[name], *percentile_interval(
+      np.concatenate([part[name] for part in parts]), level))
+          for name in metrics_lib.RANKING_METRICS}

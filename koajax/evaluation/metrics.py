@@ -24,6 +24,11 @@ Metric names (all scalars; higher is better except those in LOWER_IS_BETTER,
   kappa               quadratic-weighted Cohen's kappa over labels 0..C-1
   mse                 mean squared error of the predicted grade (argmax)
   accuracy            fraction of exact grade matches
+  f1_weighted         F1 of every grade, 2 TP / (2 TP + FP + FN), averaged
+                      with weights = support (true count) over the grades
+                      that occur in y_true or in the predictions, as
+                      `sklearn.metrics.f1_score(average='weighted')` does by
+                      default; a grade that is only predicted has weight 0
   log_loss            mean -log p(true grade), probabilities clipped to
                       [eps, 1 - eps] (eps of float64) as in
                       `sklearn.metrics.log_loss(y, probs, labels=range(C))`
@@ -38,6 +43,7 @@ Metric names (all scalars; higher is better except those in LOWER_IS_BETTER,
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -83,7 +89,8 @@ def metric_names(num_classes: int,
                  positive_from: int | None = None) -> tuple[str, ...]:
   """Names of the scalar metrics of a head, in the order they are reported."""
   _check_positive_from(positive_from, num_classes)
-  names = ('balanced_accuracy', 'kappa', 'mse', 'accuracy', 'log_loss',
+  names = ('balanced_accuracy', 'kappa', 'mse', 'accuracy', 'f1_weighted',
+           'log_loss',
            *(f'recall_{k}' for k in range(num_classes)))
   return names + (RANKING_METRICS if positive_from is not None else ())
 
@@ -141,26 +148,48 @@ def classification_metrics(y_true, probs, *,
                                                 weights='quadratic')
     out['mse'] = sk_metrics.mean_squared_error(y, pred)
     out['accuracy'] = sk_metrics.accuracy_score(y, pred)
+    # The labels scikit-learn uses by default, spelled out: a grade absent
+    # from both y_true and the predictions would have F1 0/0. Every label
+    # passed occurs, so 2 TP + FP + FN > 0 and zero_division never applies;
+    # 0.0 is the value of its default ('warn') without the warning.
+    out['f1_weighted'] = sk_metrics.f1_score(
+        y, pred, labels=np.union1d(y, pred), average='weighted',
+        zero_division=0.0)
     out['log_loss'] = _true_class_log_loss(y, p).mean()
     recall = sk_metrics.recall_score(y, pred, labels=labels, average=None,
                                      zero_division=np.nan)
     out.update({f'recall_{k}': r for k, r in zip(labels, recall)})
     if positive_from is not None:
       positive, score = y >= positive_from, p[:, positive_from:].sum(axis=1)
-      out.update(_sklearn_ranking(positive, score))
+      out.update(ranking_metrics(positive, score))
   out = {name: float(value) for name, value in out.items()}
   out['confusion_matrix'] = sk_metrics.confusion_matrix(
       y, pred, labels=labels).astype(np.int64)
   return out
 
 
-def _sklearn_ranking(positive: np.ndarray, score: np.ndarray) -> dict:
+def ranking_metrics(positive, score) -> dict[str, float]:
+  """ROC AUC and average precision of binary targets, with scikit-learn.
+
+  Args:
+    positive: (n,) bool binary targets.
+    score: (n,) scores, higher meaning more likely positive.
+
+  Returns:
+    'roc_auc' and 'average_precision' as Python floats; NaN for both when only
+    one of the two classes is present (or there are no samples).
+  """
+  positive = np.asarray(positive, bool)
+  score = np.asarray(score, np.float64)
+  if positive.shape != score.shape or positive.ndim != 1:
+    raise ValueError(f'need positive (n,) and score (n,); got '
+                     f'{positive.shape} and {score.shape}')
   if positive.all() or not positive.any():
     # Undefined, not 0 or 1: scikit-learn's fallbacks differ by version.
-    return dict.fromkeys(RANKING_METRICS, np.nan)
-  return {'roc_auc': sk_metrics.roc_auc_score(positive, score),
-          'average_precision': sk_metrics.average_precision_score(positive,
-                                                                  score)}
+    return dict.fromkeys(RANKING_METRICS, math.nan)
+  return {'roc_auc': float(sk_metrics.roc_auc_score(positive, score)),
+          'average_precision': float(
+              sk_metrics.average_precision_score(positive, score))}
 
 
 def resampled_metrics(y_true, probs, counts, *,
@@ -215,6 +244,11 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
     present = support > 0
     # Mean over the classes that occur, as balanced_accuracy_score does.
     balanced = np.where(present, recall, 0.0).sum(1) / present.sum(1)
+    # Weighted F1 = sum_k support_k * F1_k / total. A grade with support has
+    # 2 TP + FP + FN >= support > 0; one without has weight 0 and drops out,
+    # so the labels in play are exactly scikit-learn's default ones.
+    f1 = 2.0 * hits / (support + predicted)
+    f1_weighted = (np.where(present, f1, 0.0) * support).sum(1) / total
     observed_error = (confusion * squared_error).sum(axis=(1, 2))
     chance = support[:, :, None] * predicted[:, None, :] / total[:, None, None]
     chance_error = (chance * squared_error).sum(axis=(1, 2))
@@ -223,6 +257,7 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
         'kappa': 1.0 - observed_error / chance_error,
         'mse': observed_error / total,
         'accuracy': hits.sum(axis=1) / total,
+        'f1_weighted': f1_weighted,
     }
   out.update({f'recall_{k}': recall[:, k] for k in grades})
   return out

@@ -3,14 +3,16 @@
 Figures are built with `matplotlib.figure.Figure` and its Agg canvas rather
 than pyplot, so nothing depends on (or changes) the global backend and no
 figure outlives its function. Each file is written under a temporary name and
-then renamed, so a crash never leaves a truncated PNG behind.
+then renamed (`write_atomically`, which the reports use for their other files
+too), so a crash never leaves a truncated PNG behind.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +22,30 @@ from sklearn import metrics as sk_metrics
 _DPI = 130
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def write_atomically(path: str | Path, write: Callable[[Path], object]
+                     ) -> Path:
+  """Calls write(temporary path) and renames the result to `path`.
+
+  The temporary file is a hidden one in the same folder, so os.replace is an
+  atomic rename and an interrupted write leaves `path` as it was.
+  """
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Same folder, so os.replace is an atomic rename; the format is passed
-  # because the temporary name's suffix is not the image type.
   partial = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
   try:
-    fig.savefig(partial, dpi=_DPI, format=path.suffix.lstrip('.') or 'png')
+    write(partial)
     os.replace(partial, path)
   finally:
     partial.unlink(missing_ok=True)
   return path
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # The format is passed because the temporary name's suffix is not the
+  # image type.
+  return write_atomically(path, lambda partial: fig.savefig(
+      partial, dpi=_DPI, format=path.suffix.lstrip('.') or 'png'))
 
 
 def _draw_matrix(ax, values: np.ndarray, text: np.ndarray, title: str,
@@ -124,4 +138,61 @@ def pr_png(positive, score, path: str | Path, *,
                label=f'prevalence = {prevalence:.3f}')
     ax.legend(loc='lower left')
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def table_png(columns: Sequence[str], rows: Sequence[Sequence[str]],
+              path: str | Path, *, title: str = '',
+              shaded_rows: Sequence[int] = (), footnote: str = '') -> Path:
+  """A table of text cells as an image, header row in bold.
+
+  Args:
+    columns: the header cells.
+    rows: the body, each row as many cells as `columns`.
+    path: PNG file to write.
+    title: drawn above the table.
+    shaded_rows: indices into `rows` drawn on a grey background (to set off
+      rows of another kind, such as pooled tasks below per-head rows).
+    footnote: small text below the table.
+  """
+  if not rows or any(len(row) != len(columns) for row in rows):
+    raise ValueError(f'need rows of {len(columns)} cells; got '
+                     f'{[len(row) for row in rows]}')
+  # Sized from the text: about 0.075 inch per character at 9 points (two
+  # characters of padding per column), and a fixed height per row, so that
+  # wide tables do not shrink their font.
+  widths = [max(len(str(cell)) for cell in column) + 2
+            for column in zip(columns, *rows)]
+  width = max(4.0, 0.075 * sum(widths))
+  # The footnote wraps to the table's width (about 0.06 inch per character
+  # at 7.5 points) rather than widening the figure.
+  footnote = textwrap.fill(footnote, max(20, int(width / 0.06)))
+  # Inches above and below the table.
+  above = 0.45 if title else 0.1
+  below = 0.12 + 0.13 * (footnote.count('\n') + 1) if footnote else 0.0
+  height = 0.3 * (len(rows) + 1) + above + below
+  fig = Figure(figsize=(width, height))
+  ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+  ax.axis('off')
+  top, bottom = 1.0 - above / height, below / height
+  table = ax.table(cellText=[[str(cell) for cell in row] for row in rows],
+                   colLabels=list(columns), cellLoc='center',
+                   colWidths=[w / sum(widths) for w in widths],
+                   bbox=(0.01, bottom, 0.98, top - bottom))
+  table.auto_set_font_size(False)
+  table.set_fontsize(9)
+  shaded = set(shaded_rows)
+  for (row, _), cell in table.get_celld().items():
+    cell.set_edgecolor('#b0b0b0')
+    if row == 0:
+      cell.set_text_props(fontweight='bold')
+      cell.set_facecolor('#dde6f0')
+    elif row - 1 in shaded:
+      cell.set_facecolor('#f0f0f0')
+  if title:
+    fig.text(0.5, 1.0 - 0.22 / height, title, ha='center', va='center',
+             fontsize=10)
+  if footnote:
+    fig.text(0.01, 0.03 / height, footnote, ha='left', va='bottom',
+             fontsize=7.5, color='#404040')
   return _save(fig, path)

@@ -22,8 +22,32 @@ and for several heads:
   metrics.json          the metrics, confusion matrix and counts of every
                         head under 'heads'; with mean_heads, under 'mean' the
                         metrics averaged over those heads, their intervals from
-                        resampling knees jointly for all heads
+                        resampling knees jointly for all heads; under 'files'
+                        predictions.csv and the heads table
   confusion_matrix_<head>.png, roc_<head>.png, pr_<head>.png
+  heads_table.md, heads_table.png
+                        one row per head: knees, kappa, balanced accuracy,
+                        weighted F1, MSE, ROC AUC and AP with their intervals
+                        (`koajax.evaluation.heads_table`), and one per pooled
+                        task with ROC AUC and AP
+
+With pooled_binary (either layout), binary tasks pooled over heads: the
+osteophytes of the lateral tibia and femur as one task, say. The rows
+(grade >= positive_from, summed probabilities from positive_from on) of every
+listed head's graded knees are concatenated, and the report adds
+
+  metrics.json          under 'pooled', per task: 'heads', 'positive_from'
+                        (per head), 'n' (rows), 'n_positive', 'n_knees'
+                        (knees with a row), 'metrics' (roc_auc and
+                        average_precision: estimate, ci_low, ci_high; the
+                        interval from resampling knees with all their rows,
+                        stratified by each knee's rows and positive rows) and
+                        'files'
+  roc_<task>.png, pr_<task>.png
+
+Every head's metrics are those of `metrics.metric_names`: balanced_accuracy,
+kappa, mse, accuracy, f1_weighted, log_loss, recall_<k> and, with a binary
+task, roc_auc and average_precision.
 
 predictions.csv is the ground truth of a report: the metrics are computed from
 what was written to it, `predictions.metrics_from_predictions` recomputes
@@ -38,15 +62,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from koajax.evaluation import bootstrap
 from koajax.evaluation import heads as heads_lib
+from koajax.evaluation import heads_table
 from koajax.evaluation import metrics as metrics_lib
 from koajax.evaluation import plots
 from koajax.evaluation import predictions as predictions_lib
@@ -56,6 +80,10 @@ METRICS_JSON = 'metrics.json'
 CONFUSION_PNG = 'confusion_matrix.png'
 ROC_PNG = 'roc.png'
 PR_PNG = 'pr.png'
+HEADS_TABLE_MD = heads_table.HEADS_TABLE_MD
+HEADS_TABLE_PNG = heads_table.HEADS_TABLE_PNG
+# A pooled task's name becomes part of file names, as head names do.
+_POOLED_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
 
 # Metrics `headline` prints.
 _HEADLINE = ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')
@@ -114,17 +142,6 @@ def json_ready(value):
   if isinstance(value, (float, np.floating)):
     return None if math.isnan(value) else float(value)
   return value
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-  """Calls write(temporary path) and renames the result to `path`."""
-  # Same folder, so os.replace is an atomic rename.
-  partial = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-  try:
-    write(partial)
-    os.replace(partial, path)
-  finally:
-    partial.unlink(missing_ok=True)
 
 
 def _plot_name(kind_file: str, head: str | None) -> str:
@@ -193,12 +210,86 @@ def _head_report(out_dir: Path, head: str, suffix_head: str | None,
   }
 
 
+def _check_pooled(pooled_binary: Mapping[str, Sequence[str]],
+                  heads: Sequence[str],
+                  thresholds: Mapping[str, int | None]
+                  ) -> dict[str, list[str]]:
+  """Task name -> its heads, after checking them against the report's heads.
+
+  Checked before anything is written, as the heads are, so that a bad
+  argument leaves no partial report.
+  """
+  pooled = {}
+  for name, task_heads in pooled_binary.items():
+    if not isinstance(name, str) or not _POOLED_NAME.match(name):
+      raise ValueError(f'bad pooled task name {name!r}: use letters, digits '
+                       'and _ . -')
+    if name in heads:
+      # roc_<name>.png would overwrite the head's own curve.
+      raise ValueError(f'pooled task {name!r} is named like a head')
+    if isinstance(task_heads, str):
+      raise ValueError(f'pooled task {name!r}: give a sequence of heads, not '
+                       f'the string {task_heads!r}')
+    task_heads = list(task_heads)
+    unknown = [head for head in task_heads if head not in heads]
+    if not task_heads or unknown:
+      raise ValueError(f'pooled task {name!r} needs some of the heads '
+                       f'{list(heads)}; got {task_heads}')
+    if len(set(task_heads)) != len(task_heads):
+      raise ValueError(f'pooled task {name!r} repeats a head: {task_heads}')
+    binary = [head for head in task_heads if thresholds[head] is None]
+    if binary:
+      raise ValueError(f'pooled task {name!r}: heads {binary} have no '
+                       'positive_from, so no binary task to pool')
+    pooled[name] = task_heads
+  return pooled
+
+
+def _pooled_report(out_dir: Path, name: str, task_heads: Sequence[str],
+                   labels: Mapping[str, np.ndarray],
+                   probs: Mapping[str, np.ndarray],
+                   thresholds: Mapping[str, int], *, n_resamples: int,
+                   seed: int, level: float) -> dict:
+  """Counts, ROC AUC and AP with intervals, and curves of a pooled task."""
+  positive, score, knees = [], [], []
+  for head in task_heads:
+    graded = heads_lib.graded_rows(labels[head], probs[head])
+    threshold = thresholds[head]
+    positive.append(labels[head][graded] >= threshold)
+    score.append(probs[head][graded, threshold:].sum(axis=1))
+    knees.append(np.flatnonzero(graded))
+  positive = np.concatenate(positive)
+  score = np.concatenate(score)
+  knees = np.concatenate(knees)
+  intervals = bootstrap.clustered_ranking_ci(
+      positive, score, knees, n_resamples=n_resamples, seed=seed, level=level)
+  task = ', '.join(f'{head.upper()} >= {thresholds[head]}'
+                   for head in task_heads)
+  files = {
+      'roc': plots.roc_png(positive, score,
+                           out_dir / _plot_name(ROC_PNG, name),
+                           title=f'ROC, {name}: {task}'),
+      'pr': plots.pr_png(positive, score, out_dir / _plot_name(PR_PNG, name),
+                         title=f'Precision-recall, {name}: {task}'),
+  }
+  return {
+      'heads': list(task_heads),
+      'positive_from': {head: thresholds[head] for head in task_heads},
+      'n': int(positive.size),
+      'n_positive': int(positive.sum()),
+      'n_knees': int(np.unique(knees).size),
+      'metrics': _intervals_json(intervals),
+      'files': {kind: path.name for kind, path in files.items()},
+  }
+
+
 def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
                  sides: Sequence[str], labels: Mapping[str, np.ndarray],
                  probs: Mapping[str, np.ndarray],
                  positive_from: Mapping[str, int | None] | None = None,
                  mean_heads: Sequence[str] = (),
                  subject_ids: Sequence[str] | None = None,
+                 pooled_binary: Mapping[str, Sequence[str]] | None = None,
                  n_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
   """Writes predictions, metrics with bootstrap intervals and figures.
@@ -216,6 +307,9 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
     mean_heads: heads whose metrics are also averaged, with intervals from
       resampling knees jointly.
     subject_ids: (n,) optional subjects; stored in predictions.csv and counted.
+    pooled_binary: task name -> heads whose binary tasks are pooled into one
+      (e.g. {'ost_lateral': ('ost_tl', 'ost_fl')}); every listed head needs a
+      positive_from. None or empty: no pooled tasks.
     n_resamples: bootstrap resamples for the intervals.
     seed: bootstrap seed.
     level: confidence level of the intervals.
@@ -231,11 +325,12 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
   thresholds = {head: (positive_from or {}).get(head) for head in heads}
   for head in heads:
     metrics_lib.metric_names(np.shape(probs[head])[-1], thresholds[head])
+  pooled_binary = _check_pooled(pooled_binary or {}, heads, thresholds)
   frame = predictions_lib.predictions_frame(
       knee_ids=knee_ids, sides=sides, labels=labels, probs=probs,
       subject_ids=subject_ids)
-  _write_atomically(out_dir / PREDICTIONS_CSV,
-                    lambda path: frame.to_csv(path, index=False))
+  plots.write_atomically(out_dir / PREDICTIONS_CSV,
+                         lambda path: frame.to_csv(path, index=False))
   # Evaluate what was written, so metrics.json and predictions.csv agree.
   frame, labels, probs = predictions_lib.read_heads(out_dir / PREDICTIONS_CSV)
   single = len(heads) == 1
@@ -261,6 +356,14 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
         'knees resampled jointly for all heads, stratified by the '
         f'{strata_head} grade (ungraded knees as one stratum), percentile '
         'interval of the mean over heads')
+  pooled = {name: _pooled_report(out_dir, name, task_heads, labels, probs,
+                                 thresholds, **options)
+            for name, task_heads in pooled_binary.items()}
+  if pooled:
+    bootstrap_info['pooled_method'] = (
+        'knees resampled with all their rows of the pooled heads, stratified '
+        "by each knee's number of rows and of positive rows, percentile "
+        'interval')
   if single:
     (head_report,) = per_head.values()
     graded = heads_lib.graded_rows(labels[heads[0]], probs[heads[0]])
@@ -285,10 +388,17 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
     }
   if mean is not None:
     report['mean'] = mean
+  if pooled:
+    report['pooled'] = pooled
   report = json_ready(report)
+  if not single:
+    # Written before metrics.json, which lists them: a report whose table
+    # failed has no metrics.json claiming it exists.
+    report['files'] = {'predictions': PREDICTIONS_CSV,
+                       **heads_table.write_heads_table(report, out_dir)}
   # allow_nan=False: a NaN that escaped conversion should fail loudly here
   # rather than produce a file other JSON readers reject.
   text = json.dumps(report, indent=2, allow_nan=False) + '\n'
-  _write_atomically(out_dir / METRICS_JSON,
-                    lambda path: path.write_text(text))
+  plots.write_atomically(out_dir / METRICS_JSON,
+                         lambda path: path.write_text(text))
   return report
