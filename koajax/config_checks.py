@@ -105,7 +105,7 @@ def _check_training(config) -> None:
   _real(config, 'eval_every_epochs', 0.0, strict=True)
   _int(config, 'log_every_steps', 1)
   _int(config, 'data_workers', 0)
-  _int(config, 'cpu_devices', 0)
+  _int(config, 'cpu_devices', -1)  # -1: one per core
   _int(config, 'bootstrap_resamples', 0)
   _int(config, 'view_size', 0)
   if _has(config, 'view_size') and 0 < config.view_size < 16:
@@ -117,6 +117,12 @@ def _check_training(config) -> None:
   _real(config, 'optimizer.weight_decay', 0.0)
   _real(config, 'optimizer.warmup_epochs', 0.0)
   _real(config, 'optimizer.cosine_epochs', 0.0)
+  _real(config, 'optimizer.heads_only_epochs', 0.0)
+  if _has(config, 'optimizer.weight_decay_mode') and \
+      config.optimizer.weight_decay_mode not in ('decoupled', 'l2'):
+    raise cli.BadInput("config field optimizer.weight_decay_mode must be "
+                       "'decoupled' (AdamW) or 'l2' (PyTorch's Adam "
+                       f"weight_decay); got {config.optimizer.weight_decay_mode!r}")
   for group in ('boundaries', 'boundary_epochs'):
     if not _has(config, f'optimizer.{group}'):
       continue
@@ -138,6 +144,7 @@ def _check_training(config) -> None:
       raise cli.BadInput(f"config field predict.tta must be 'none' or "
                          f"'five_crop'; got {tta!r}")
     _int(config, 'predict.tta_crop', 0)
+    _int(config, 'predict.crop', 0)
     ensemble = config.predict.get('ensemble', 'probs')
     if ensemble not in ('probs', 'logits'):
       raise cli.BadInput(f"config field predict.ensemble must be 'probs' or "
@@ -217,4 +224,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           predictor.check_settings(task, **dict(config.predict))
       except ValueError as e:
         raise cli.BadInput(cli.message(e)) from e
+    if (config.optimizer.get('heads_only_epochs', 0) > 0
+        and not config.model.get('init')):
+      log.warning(
+          'optimizer.heads_only_epochs=%g trains the heads alone on a '
+          'randomly initialised backbone: give pretrained weights with '
+          '--config.model.init=PATH, or use the from-scratch schedule '
+          '(configs/oarsi.py:scratch)', config.optimizer.heads_only_epochs)
   return config

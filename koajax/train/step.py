@@ -87,16 +87,83 @@ def abstract_state(config: ml_collections.ConfigDict, task: tasks_lib.Task,
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict
-                   ) -> optax.GradientTransformation:
-  """Adam(W) with the learning rate scaled at `boundaries` ({step: scale}).
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Adam with weight decay, the learning rate scaled at `boundaries`
+  ({step: scale}), and optionally the heads trained alone at first.
 
-  `boundary_epochs` is applied by the step itself (`epoch_lr_scale`)."""
+    weight_decay       the decay factor (0: none);
+    weight_decay_mode  'decoupled': AdamW, the decay added to Adam's update;
+                       'l2': PyTorch's Adam(weight_decay=...), the decay
+                       added to the gradient before Adam's moments;
+    heads_only_epochs  for this many epochs only the parameters under the
+                       model's `heads` are trained (a pretrained backbone
+                       keeps its weights while fresh heads settle).
+
+  The update takes the traced epoch as `tx.update(..., epoch=epoch)`.
+  `boundary_epochs` is applied by the step itself (`epoch_lr_scale`).
+  """
   boundaries = {int(k): float(v) for k, v in cfg.get('boundaries', {}).items()}
   schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
-  if cfg.weight_decay:
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
-                       weight_decay=cfg.weight_decay)
-  return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+  decay = float(cfg.get('weight_decay', 0.0))
+  mode = cfg.get('weight_decay_mode', 'decoupled')
+  heads_only = float(cfg.get('heads_only_epochs', 0.0))
+  if not heads_only:
+    # The transforms of earlier runs, so their checkpoints still restore.
+    if decay and mode == 'l2':
+      tx = optax.chain(optax.add_decayed_weights(decay),
+                       optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
+    elif decay:
+      tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=decay)
+    else:
+      tx = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+    return optax.with_extra_args_support(tx)
+
+  def adam() -> optax.GradientTransformation:
+    parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)]
+    if decay:
+      parts.insert(0 if mode == 'l2' else 1, optax.add_decayed_weights(decay))
+    return optax.chain(*parts)
+
+  # Each group has its own Adam, so the backbone's starts when it is
+  # unfrozen, with fresh moments and bias correction, as the reference
+  # code's new optimiser does (the heads' Adam goes on).
+  return optax.chain(
+      optax.multi_transform(
+          {HEADS: adam(), BACKBONE: frozen_before(adam(), heads_only)},
+          head_labels, mask_compatible_extra_args=True),
+      optax.scale_by_learning_rate(schedule))
+
+
+HEADS, BACKBONE = 'heads', 'backbone'
+
+
+def head_labels(params: Any) -> Any:
+  """HEADS for the parameters under the model's `heads`, else BACKBONE."""
+  def label(path, _):
+    first = path[0]
+    return HEADS if getattr(first, 'key', None) == 'heads' else BACKBONE
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if HEADS not in jax.tree.leaves(labels):
+    raise ValueError('optimizer.heads_only_epochs needs a model with its '
+                     'classifiers under `heads`; this one has none')
+  return labels
+
+
+def frozen_before(inner: optax.GradientTransformation,
+                  epochs: float) -> optax.GradientTransformationExtraArgs:
+  """`inner`, with no update and its state untouched before `epochs`."""
+
+  def update(updates, state, params=None, *, epoch, **extra):
+    del extra
+    new_updates, new_state = inner.update(updates, state, params)
+    frozen = epoch < epochs
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
+    new_state = jax.tree.map(lambda new, old: jnp.where(frozen, old, new),
+                             new_state, state)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def epoch_lr_scale(cfg: ml_collections.ConfigDict
@@ -164,7 +231,8 @@ def train_step(state: TrainState, batch, key: jax.Array,
 
   (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                  epoch=epoch)
   if lr_scale is not None:
     updates = optax.tree.scale(lr_scale(epoch), updates)
   params = optax.apply_updates(state.params, updates)
