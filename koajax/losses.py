@@ -36,7 +36,7 @@ does not reproduce, so that each method matches its paper:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Literal
 
@@ -171,6 +171,27 @@ def cross_entropy(*, logits: Array, labels: Array,
   """Mean CE with integer labels; `mask` (B,) drops padded examples."""
   loss = _batch_mean(_nll(logits, labels), mask)
   return loss, {'cross_entropy': loss}
+
+
+def multi_head_cross_entropy(*, logits: Mapping[str, Array],
+                             labels: Mapping[str, Array]
+                             ) -> tuple[Array, Aux]:
+  """Unweighted mean over heads of each head's CE over its graded knees.
+
+  Labels of -1 (ungraded) are masked. A head with no graded knee in the
+  batch has no cross-entropy and leaves the mean (it is not counted as 0);
+  a batch with no graded knee at all gives 0.
+  """
+  per_head, present = {}, []
+  for head, z in logits.items():
+    y = labels[head]
+    graded = y >= 0
+    per_head[head] = _batch_mean(_nll(z, jnp.maximum(y, 0)), graded)
+    present.append(jnp.any(graded))
+  present = jnp.stack(present).astype(jnp.float32)
+  losses = jnp.stack(list(per_head.values()))
+  loss = jnp.sum(losses * present) / jnp.maximum(jnp.sum(present), 1.0)
+  return loss, {f'cross_entropy/{h}': v for h, v in per_head.items()}
 
 
 def soft_cross_entropy(*, logits: Array, targets: Array,

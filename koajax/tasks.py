@@ -73,6 +73,9 @@ class Task:
     mean_heads: heads whose metrics the reports average ('mean/...').
     qualify: 'primary': a knee qualifies for labeled / val / test use when
       its first head is graded; 'any': when any head is.
+    pooled_binary: (name, heads) pairs: binary findings whose ROC / PR the
+      report also gives over several heads at once (a lateral osteophyte,
+      femoral or tibial).
   """
   name: str
   heads: tuple[Head, ...]
@@ -80,6 +83,7 @@ class Task:
   view_size: int = 0
   mean_heads: tuple[str, ...] = ()
   qualify: str = 'primary'
+  pooled_binary: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
   @property
   def head_names(self) -> tuple[str, ...]:
@@ -117,7 +121,10 @@ OARSI = tuple(Head(name, name, 4, positive_from=1) for name in
 TASKS: dict[str, Task] = {
     'kl': Task('kl', (KL,), view='siamese'),
     'kl_oarsi': Task('kl_oarsi', (KL, *OARSI), view='whole',
-                     mean_heads=tuple(h.name for h in OARSI)),
+                     mean_heads=tuple(h.name for h in OARSI),
+                     # The paper's osteophyte curves, compartments pooled.
+                     pooled_binary=(('ost_lateral', ('ost_tl', 'ost_fl')),
+                                    ('ost_medial', ('ost_tm', 'ost_fm')))),
     'kl0_vs_kl2': Task('kl0_vs_kl2', (Head('kl0_vs_kl2', 'kl', 2,
                                            label_map=((0, 0), (2, 1)),
                                            positive_from=1),),

@@ -11,6 +11,10 @@ sharper than warping twice.
                    code), in order: Gaussian noise p 0.5 gain 0.3, rotation
                    p 1 +-10 deg, pad 5% + random crop back to the input size,
                    gamma p 0.5 in [0.5, 1.5], normalise to [-1, 1].
+  crop_augment     multi-task OARSI grading (the KneeOARSIGrading stream):
+                   Gaussian noise p 0.5 gain 0.3, rotation +-10 deg, a
+                   random crop to the network's size (300 of 310 px), gamma
+                   p 0.5 in [0.5, 1.5], normalise to [-1, 1].
   jitter_augment   translation / rotation / scale jitter (coherence learning:
                    +-10 px, +-5 deg, 0.95..1.05), keypoints moved along.
 
@@ -151,6 +155,37 @@ def semixup_augment(key: Array, image: Array, **kwargs: Any) -> Array:
   `normalise(image)` exactly.
   """
   return _each_channel(functools.partial(_semixup_one, **kwargs), key, image)
+
+
+def crop_augment(key: Array, image: Array, *, crop: int,
+                 noise_p: float = 0.5, noise_gain: float = 0.3,
+                 max_rotation_deg: float = 10.0, gamma_p: float = 0.5,
+                 gamma_range: tuple[float, float] = (0.5, 1.5)) -> Array:
+  """Multi-task OARSI training augmentation of an (H, W) knee -> (crop, crop)
+  float32 in [-1, 1].
+
+  Noise, then rotation about the centre and a random crop at an integer
+  offset (0..H - crop, one warp, as in `_semixup_one`), then gamma. With both
+  probabilities and the rotation at 0 it is `normalise` of a plain crop.
+  """
+  h, w = image.shape
+  if not (0 < crop <= h and crop <= w):
+    raise ValueError(f'cannot crop {crop} px from a {h}x{w} px view')
+  k_params, k_noise = jax.random.split(key)
+  u = jax.random.uniform(k_params, (7,))  # one draw: see _semixup_one
+  image = jnp.asarray(image, jnp.float32)
+  noisy = additive_gaussian_noise(k_noise, image, noise_gain * u[0])
+  image = jnp.where(u[1] < noise_p, noisy, image)
+  angle = max_rotation_deg * (2.0 * u[2] - 1.0)
+  # The crop's top-left corner, uniform over the whole offsets; as a shift
+  # of the output centre from the input centre.
+  corner = jnp.floor(u[3:5] * (jnp.array([h, w], jnp.float32) - crop + 1.0))
+  shift = (jnp.array([h, w], jnp.float32) - crop) / 2.0 - corner
+  _, (matrix, offset) = similarity(angle, shift, 1.0, (h, w), (crop, crop))
+  image = affine_warp(image, matrix, offset, out_shape=(crop, crop))
+  gamma = gamma_range[0] + (gamma_range[1] - gamma_range[0]) * u[5]
+  image = jnp.where(u[6] < gamma_p, gamma_correction(image, gamma), image)
+  return normalise(image)
 
 
 def jitter_augment(key: Array, image: Array, keypoints: Array | None = None,

@@ -13,6 +13,10 @@ A method is an object with
                                 after each evaluation (a class-mean
                                 confidence, say)
 
+A state holding `input_norm` ({'mean', 'std'}) has every input standardised
+with it at prediction, as the method does in training (multi-task OARSI's
+training-set statistics).
+
 The state is a pytree kept in the train state, so it is checkpointed with
 the weights and a resumed run goes on with exactly what it had. `forward(images,
 key)` runs the model in training mode and returns its output dict
@@ -27,7 +31,7 @@ one defined elsewhere. Adding a method is adding a module.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 import functools
 import importlib
@@ -47,6 +51,9 @@ class TrainingData:
   index: Any  # the cache index rows of the labeled knees (a DataFrame)
   labels: Mapping[str, np.ndarray]  # {head: labels}, -1 masked
   seed: int
+  # () -> uint8 batches of the labeled knees' views (the task's view, not
+  # augmented), read when called; None where no images are at hand.
+  images: Callable[[], Iterable[np.ndarray]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,10 @@
     probs = predictor.predict(cache, rows)        # {head: (n, classes)}
 
 A predictor holds one or several members (a run's weights) of one task. Each
-member's forward pass is jitted over a data-parallel mesh; with test-time
+member's forward pass is jitted over a data-parallel mesh. With `crop` every
+knee is first cut to its centre `crop` px (multi-task OARSI trains on random
+300 px crops of a 310 px view); a run whose method state holds `input_norm`
+has its inputs standardised with it, as in training. With test-time
 augmentation (`tta='five_crop'`) every knee is also seen as its four corner
 crops and its centre crop of `tta_crop` px, and the member's output is the
 mean over the five. An ensemble averages its members' probabilities (the
@@ -41,6 +44,7 @@ from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import step as step_lib
 
 TTA = ('none', 'five_crop')
+INPUT_NORM = 'input_norm'  # see koajax.methods
 ENSEMBLE = ('probs', 'logits')
 DEFAULT_SELECTION = ('balanced_accuracy', 'kappa')
 
@@ -84,13 +88,22 @@ class Member:
   extra: Any
   name: str = ''
   step: int = -1  # the training step the weights are from
+  input_norm: Any = None  # {'mean', 'std'} from the method state, or None
 
 
-def _member_outputs(params, extra, images, *, graphdef, tta: str,
-                    tta_crop: int, ensemble: str) -> dict[str, jax.Array]:
+def centre_crop(images: jax.Array, size: int) -> jax.Array:
+  """The centre `size` px of the last two axes (as `five_crop`'s last)."""
+  return five_crop(images, size)[-1] if size else images
+
+
+def _member_outputs(params, extra, input_norm, images, *, graphdef, crop: int,
+                    tta: str, tta_crop: int,
+                    ensemble: str) -> dict[str, jax.Array]:
   """{head: mean probabilities (or logits) over the TTA views}."""
   model = nnx.merge(graphdef, params, extra, copy=True)
-  x = step_lib.normalise(images)
+  x = centre_crop(step_lib.normalise(images), crop)
+  if input_norm is not None:
+    x = (x - input_norm['mean']) / input_norm['std']
   views = five_crop(x, tta_crop) if tta == 'five_crop' else [x]
   outs = [model(v, train=False)['logits'] for v in views]
   combine = ((lambda z: z.astype(jnp.float32)) if ensemble == 'logits'
@@ -100,14 +113,18 @@ def _member_outputs(params, extra, images, *, graphdef, tta: str,
 
 
 def check_settings(task: tasks_lib.Task, *, tta: str, tta_crop: int,
-                   ensemble: str) -> None:
+                   ensemble: str, crop: int = 0) -> None:
   """Raises ValueError naming the `predict.` field that cannot work with
   `task`'s view (checked when a run's config is read, not after training)."""
   if tta not in TTA:
     raise ValueError(f'unknown predict.tta {tta!r}; choose one of '
                      f'{", ".join(TTA)}')
+  size = task.view_size or views.VIEW_PX[task.view]
+  if not 0 <= crop < size:
+    raise ValueError(f'predict.crop must lie in 0..{size - 1} px for the '
+                     f'{size} px {task.view} view (0: none); got {crop}')
+  size = crop or size
   if tta == 'five_crop':
-    size = task.view_size or views.VIEW_PX[task.view]
     if not 0 < tta_crop < size:
       raise ValueError(f'predict.tta_crop must lie in 1..{size - 1} px for '
                        f'the {size} px {task.view} view; got {tta_crop}')
@@ -122,10 +139,11 @@ class Predictor:
   def __init__(self, members: Sequence[Member], task: tasks_lib.Task,
                mesh: jax.sharding.Mesh, *, batch_size: int = 64,
                tta: str = 'none', tta_crop: int = 0,
-               ensemble: str = 'probs'):
+               ensemble: str = 'probs', crop: int = 0):
     if not members:
       raise ValueError('a predictor needs at least one run')
-    check_settings(task, tta=tta, tta_crop=tta_crop, ensemble=ensemble)
+    check_settings(task, tta=tta, tta_crop=tta_crop, ensemble=ensemble,
+                   crop=crop)
     self.members = list(members)
     self.task = task
     self.mesh = mesh
@@ -135,8 +153,9 @@ class Predictor:
     # Replicated output: every process can read all probabilities.
     replicated = jax.NamedSharding(mesh, jax.P())
     self._fns = [jax.jit(functools.partial(
-        _member_outputs, graphdef=m.graphdef, tta=tta, tta_crop=tta_crop,
-        ensemble=ensemble), out_shardings=replicated) for m in self.members]
+        _member_outputs, graphdef=m.graphdef, crop=crop, tta=tta,
+        tta_crop=tta_crop, ensemble=ensemble), out_shardings=replicated)
+                 for m in self.members]
 
   def with_weights(self, members: Sequence[Member]) -> Predictor:
     """This predictor with other weights of the same models: the compiled
@@ -185,7 +204,7 @@ class Predictor:
     # Every process holds all images; each device takes its rows.
     sharded = jax.make_array_from_callback(images.shape, self._data,
                                            lambda rows: images[rows])
-    outs = [jax.device_get(fn(m.params, m.extra, sharded))
+    outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded))
             for fn, m in zip(self._fns, self.members)]
     mean = {head: np.mean([o[head] for o in outs], axis=0)[:n]
             for head in outs[0]}
@@ -225,9 +244,17 @@ def load_member(workdir: str | Path, config: ml_collections.ConfigDict,
         f'{", ".join(others) or "none left"}) or train again')
   graphdef = step_lib.abstract_model(config, task)[0]
   return Member(graphdef, state.params, state.extra, name=str(workdir),
-                step=int(state.step))
+                step=int(state.step), input_norm=_input_norm(state))
+
+
+def _input_norm(state) -> Any:
+  method_state = state.method_state
+  if isinstance(method_state, dict) and INPUT_NORM in method_state:
+    return method_state[INPUT_NORM]
+  return None
 
 
 def state_member(graphdef, state, name: str = '') -> Member:
   """A member from a state in memory (the trainer's)."""
-  return Member(graphdef, state.params, state.extra, name=name)
+  return Member(graphdef, state.params, state.extra, name=name,
+                input_norm=_input_norm(state))

@@ -97,7 +97,8 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
       out_dir, knee_ids=index['knee_id'].to_numpy(),
       sides=index['side'].to_numpy(), labels=task.index_labels(index),
       probs=probs, positive_from=task.positive_from,
-      mean_heads=task.mean_heads, subject_ids=index['subject_id'].to_numpy(),
+      mean_heads=task.mean_heads, pooled_binary=dict(task.pooled_binary),
+      subject_ids=index['subject_id'].to_numpy(),
       n_resamples=config.bootstrap_resamples, seed=config.seed)
 
 
@@ -155,7 +156,8 @@ class Trainer:
     labeled_index = self.cache.index.iloc[self.splits.labeled]
     method_state = self.method.init_state(methods_lib.TrainingData(
         index=labeled_index, labels=self.task.index_labels(labeled_index),
-        seed=config.seed))
+        seed=config.seed, images=functools.partial(
+            self._view_images, self.splits.labeled)))
     self.graphdef, tx, self.state = step_lib.create_state(
         config, self.task, self.init_key, method_state, self.replicated)
     if self.steps_per_epoch == 0:
@@ -227,6 +229,15 @@ class Trainer:
         lambda v: jax.make_array_from_process_local_data(self.data_sharding,
                                                          v), next(it))
             for name, it in self.streams.items()}
+
+  def _view_images(self, indices: np.ndarray):
+    """uint8 view batches of the knees at `indices`, all of them on every
+    process (what a method fits on must be the same everywhere)."""
+    for batch in pipeline.eval_batches(
+        self.cache, indices, view=self.task.view,
+        view_size=self.task.view_size, batch_size=self.config.eval_batch_size,
+        sharding=pipeline.Sharding(0, 1)):
+      yield batch['image']
 
   # -- evaluation ------------------------------------------------------------
 

@@ -39,7 +39,8 @@ HARMLESS = ('log_every_steps', 'progress_bar', 'data_workers', 'cpu_devices',
 # Fields that change the result but may be changed on resume when named in
 # config.resume_changed: the run goes on with the new value.
 RESUMABLE = ('num_epochs', 'eval_every_epochs', 'bootstrap_resamples',
-             'predict.tta', 'predict.tta_crop', 'predict.ensemble')
+             'predict.tta', 'predict.tta_crop', 'predict.ensemble',
+             'predict.crop')
 
 # What koajax writes into a training or active-learning workdir; a workdir
 # without config.json holding anything else is someone else's folder.

@@ -1,0 +1,92 @@
+"""configs/oarsi.py end to end on the smoke preset: training, the report of
+every head against scikit-learn, and an ensemble of two backbones x 2 folds."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from koajax import evaluate
+from koajax import tasks
+from koajax import train
+from config_loader import smoke_config
+import sklearn_reference
+
+TASK = tasks.get('kl_oarsi')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Two backbones x two folds of the smoke preset, on one dataset."""
+  data_root = str(tmp_path_factory.mktemp('data'))
+  out = {}
+  for name in ('resnet18', 'resnet34'):
+    for fold in (0, 1):
+      workdir = tmp_path_factory.mktemp(f'{name}-fold{fold}')
+      # One epoch each but the first run, whose report is checked in detail.
+      epochs = 2 if (name, fold) == ('resnet18', 0) else 1
+      config = smoke_config('oarsi', data_root, **{
+          'model.name': name, 'split.fold': fold, 'num_epochs': epochs})
+      train.train_and_evaluate(config, workdir)
+      out[name, fold] = workdir
+  return out
+
+
+def _check_report(out_dir: Path) -> dict:
+  """metrics.json of every head equals scikit-learn on predictions.csv."""
+  result = json.loads((out_dir / 'metrics.json').read_text())
+  frame = pd.read_csv(out_dir / 'predictions.csv')
+  assert list(result['heads']) == list(TASK.head_names)
+  for head in TASK.heads:
+    y = frame[head.name].to_numpy()
+    probs = frame[[f'{head.name}_p{k}' for k in range(head.num_classes)]
+                  ].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    graded = y >= 0
+    want = sklearn_reference.sklearn_head(y[graded], probs[graded])
+    got = result['heads'][head.name]['metrics']
+    for name in ('balanced_accuracy', 'kappa', 'mse', 'f1_weighted',
+                 'log_loss'):
+      np.testing.assert_allclose(got[name]['estimate'], want[name],
+                                 rtol=1e-6, err_msg=f'{head.name} {name}')
+  return result
+
+
+def test_a_run_writes_every_head_with_pooled_curves_and_the_table(runs):
+  workdir = runs['resnet18', 0]
+  result = _check_report(workdir)
+  assert set(result['pooled']) == {'ost_lateral', 'ost_medial'}
+  assert result['pooled']['ost_lateral']['heads'] == ['ost_tl', 'ost_fl']
+  for name in ('heads_table.md', 'heads_table.png', 'roc_ost_lateral.png',
+               'pr_ost_medial.png', 'confusion_matrix_jsn_m.png'):
+    assert (workdir / name).stat().st_size > 100, name
+  table = (workdir / 'heads_table.md').read_text()
+  assert all(f'| {h} ' in table for h in TASK.head_names)
+  # The training-set input statistics went into the run's log.
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['predict']['crop'] == 32 and config['view_size'] == 40
+
+
+def test_two_backbones_by_two_folds_evaluate_as_one_ensemble(runs, tmp_path):
+  workdirs = [str(w) for w in runs.values()]
+  # Every fold validates on other knees: the ensemble and its members are
+  # compared on every knee of the cache.
+  cache = json.loads((Path(workdirs[0]) / 'plan.json').read_text())[
+      'data']['cache']
+  result = evaluate.evaluate(workdirs, cache_dir=cache, out=tmp_path)
+  _check_report(tmp_path)
+  frame = pd.read_csv(tmp_path / 'predictions.csv')
+  members = []
+  for i, w in enumerate(workdirs):
+    evaluate.evaluate([w], cache_dir=cache, out=tmp_path / f'm{i}')
+    members.append(pd.read_csv(tmp_path / f'm{i}' / 'predictions.csv'))
+  # The ensemble's probabilities are the mean of its members'.
+  for head in TASK.heads:
+    columns = [f'{head.name}_p{k}' for k in range(head.num_classes)]
+    np.testing.assert_allclose(
+        frame[columns].to_numpy(),
+        np.mean([m[columns].to_numpy() for m in members], axis=0),
+        atol=1e-5)
+  assert result['n_knees'] == len(frame) > 200
