@@ -1,6 +1,8 @@
-"""The machine a benchmark ran on, for its results table."""
+"""The machine a benchmark ran on, for its results table, and how steps are
+timed."""
 
 import platform
+import time
 
 
 def cpu_name() -> str:
@@ -12,3 +14,44 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def time_steps(step, n: int) -> list[float]:
+  """Seconds of each of `n` calls of `step` (which waits for its result),
+  after one untimed warm-up call (caches, allocator)."""
+  step()
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def torch_device(requested: str = 'auto') -> str:
+  """PyTorch's device: `requested`, or cuda when available for 'auto'."""
+  if requested != 'auto':
+    return requested
+  import torch
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def summary() -> str:
+  """One line naming the CPU, its cores and JAX's backend and devices."""
+  import os
+  import jax
+  return (f'{cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} '
+          f'({jax.default_backend()}, {jax.device_count()} devices)')
+
+
+def write_json(path: str | None, results: list) -> None:
+  """`results` with the machine they ran on, as JSON at `path` (if given)."""
+  if not path:
+    return
+  import json
+  import os
+  import jax
+  with open(path, 'w') as f:
+    json.dump({'cpu': cpu_name(), 'cores': os.cpu_count(),
+               'jax': jax.__version__, 'backend': jax.default_backend(),
+               'results': results}, f, indent=1)

@@ -26,7 +26,6 @@ Results print as a Markdown table and go to --out as JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
@@ -37,7 +36,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+from machine import summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
+from koajax_step import CompiledStep  # noqa: E402
 
 _METHODS = flags.DEFINE_list('methods', ['supervised', 'semixup'],
                              'Methods to time.')
@@ -54,55 +54,32 @@ _TORCH_DEVICE = flags.DEFINE_string(
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 
-class KoajaxStep:
+def koajax_step(method: str, batch_size: int, width: int) -> CompiledStep:
   """The trainer's step for `method` on random uint8 knees, compiled once."""
+  import jax
+  import numpy as np
+  from koajax import config_lib, methods, tasks
 
-  def __init__(self, method: str, batch_size: int, width: int):
-    import jax
-    import numpy as np
-    from koajax import config_lib, methods, runtime, tasks
-    from koajax.train import step as step_lib
+  semixup = config_lib.load_sibling(
+      'semixup', os.path.join(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__))), 'configs', 'semixup.py'))
+  config = semixup.family_config(method, None)
+  config.model.width = width
+  config.batch_size = batch_size
+  task = tasks.from_config(config)
+  method_obj = methods.from_config(config, task)
+  rng = np.random.default_rng(0)
 
-    semixup = config_lib.load_sibling(
-        'semixup', os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), 'configs', 'semixup.py'))
-    config = semixup.family_config(method, None)
-    config.model.width = width
-    config.batch_size = batch_size
-    task = tasks.from_config(config)
-    method_obj = methods.from_config(config, task)
-    self.mesh = runtime.data_mesh(batch_size)
-    rep = jax.NamedSharding(self.mesh, jax.P())
-    data = jax.NamedSharding(self.mesh, jax.P('data'))
-    with jax.set_mesh(self.mesh):
-      graphdef, tx, self.state = step_lib.create_state(
-          config, task, jax.random.key(0), sharding=rep)
-    rng = np.random.default_rng(0)
-
+  def make_batch(data):
     def knees():
       kl = rng.integers(0, 5, batch_size, dtype=np.int32)
       return {'image': jax.device_put(rng.integers(
                   0, 256, (batch_size, 2, 128, 128), dtype=np.uint8), data),
               'labels': {'kl': jax.device_put(kl, data)}}
+    return {name: knees() for name in method_obj.streams}
 
-    self.batch = {name: knees() for name in method_obj.streams}
-    self.key = jax.random.key(1)
-    step = jax.jit(functools.partial(
-        step_lib.train_step, graphdef=graphdef, tx=tx, method=method_obj,
-        lr_scale=step_lib.epoch_lr_scale(config.optimizer)),
-        donate_argnums=0)
-    self.steps_per_epoch = 100
-    start = time.perf_counter()
-    with jax.set_mesh(self.mesh):
-      self.compiled = step.lower(self.state, self.batch, self.key,
-                                 self.steps_per_epoch).compile()
-    self.compile_s = time.perf_counter() - start
-    self._block = jax.block_until_ready
-
-  def __call__(self) -> None:
-    self.state, metrics = self.compiled(self.state, self.batch, self.key,
-                                        self.steps_per_epoch)
-    self._block(metrics)
+  return CompiledStep(config, task, method_obj, make_batch,
+                      batch_size=batch_size)
 
 
 class TorchStep:
@@ -119,33 +96,15 @@ class TorchStep:
     self.step(self.batch)
 
 
-def torch_device() -> str:
-  if _TORCH_DEVICE.value != 'auto':
-    return _TORCH_DEVICE.value
-  import torch
-  return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-
-def time_steps(step, n: int) -> list[float]:
-  step()  # warm-up: caches, allocator
-  times = []
-  for _ in range(n):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def main(argv):
   del argv
   from koajax import runtime
   runtime.configure_cpu_devices(_CPU_DEVICES.value)
-  import jax
 
   results = []
   for method in _METHODS.value:
-    ours = KoajaxStep(method, _BATCH.value, _WIDTH.value)
-    ref = (TorchStep(method, _BATCH.value, _WIDTH.value, torch_device())
+    ours = koajax_step(method, _BATCH.value, _WIDTH.value)
+    ref = (TorchStep(method, _BATCH.value, _WIDTH.value, torch_device(_TORCH_DEVICE.value))
            if _TORCH.value else None)
     times = {'koajax': [], 'torch': []}
     for _ in range(_ROUNDS.value):
@@ -160,13 +119,12 @@ def main(argv):
       import torch
       row.update(torch_first_step_s=ref.first_step_s,
                  torch_step_s=times['torch'], torch_version=torch.__version__,
-                 torch_device=torch_device(),
+                 torch_device=torch_device(_TORCH_DEVICE.value),
                  torch_threads=torch.get_num_threads())
     results.append(row)
     print(json.dumps(row), flush=True)
 
-  print(f'\n{cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} '
-        f'({jax.default_backend()}, {jax.device_count()} devices)\n')
+  print(f'\n{summary()}\n')
   print('| step | batch | koajax s/step | koajax knees/s | koajax compile s '
         '| PyTorch s/step | PyTorch knees/s | koajax / PyTorch |')
   print('|---|---|---|---|---|---|---|---|')
@@ -181,11 +139,7 @@ def main(argv):
     else:
       line += '| | | |'
     print(line)
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump({'cpu': cpu_name(), 'cores': os.cpu_count(),
-                 'jax': jax.__version__, 'backend': jax.default_backend(),
-                 'results': results}, f, indent=1)
+  write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,35 @@
+"""The train-step benchmarks run at tiny sizes, so they cannot rot."""
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize('script,args,row_start', [
+    ('train_step.py', ['--methods=supervised', '--batch_size=4', '--width=4',
+                       '--torch=false'], '| supervised | 4 |'),
+    ('oarsi_step.py', ['--networks=resnet18', '--batch_size=4', '--size=32'],
+     '| resnet18 | 4 | 32 | float32 |'),
+])
+def test_benchmark_runs_and_writes_its_results(script, args, row_start,
+                                               tmp_path):
+  if script == 'oarsi_step.py':
+    pytest.importorskip('timm')
+  out = tmp_path / 'results.json'
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'benchmarks' / script), *args,
+       '--steps=1', '--rounds=1', f'--out={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  written = json.loads(out.read_text())
+  (row,) = written['results']
+  assert row['koajax_step_s'] and all(t > 0 for t in row['koajax_step_s'])
+  assert any(line.startswith(row_start)
+             for line in result.stdout.splitlines()), result.stdout
+  if script == 'oarsi_step.py':  # timm + PyTorch timed beside koajax
+    assert row['torch_step_s'] and row['timm_version']
