@@ -3,13 +3,16 @@ another cache.
 
   python -m koajax.evaluate --workdir=DIR[,DIR2,...] [--split=test] \\
       [--checkpoint=best] [--cache=OTHER_CACHE] [--out=OUT] \\
-      [--tta=five_crop --tta_crop=120] [--ensemble=probs]
+      [--tta=five_crop --tta_crop=120] [--ensemble=probs] [--out_of_fold]
 
 DIR is a `python -m koajax.main` training workdir: its config.json names the
 data, task and model, its splits.npz the knees and its checkpoints hold the
 weights. The run is only read (`koajax.train.predictor`): evaluating a
 read-only copy works and leaves every file of the run as it was. Several
-DIRs are evaluated as one ensemble on the first run's split.
+DIRs are evaluated as one ensemble on the first run's split; with
+--out_of_fold they are the folds of one cross-validation instead
+(`--config.split.fold=k`), each predicting its own validation knees, and
+the report covers the out-of-fold predictions of every knee they validate.
 --checkpoint is 'best' (the run's first selection metric, by default
 balanced accuracy), 'best_<metric>' or 'latest'. --split is 'test' (the
 held-out site; 'val' when none was held out), 'val', 'labeled' or
@@ -55,19 +58,30 @@ def _define_flags() -> None:
   flags.DEFINE_integer('tta_crop', None, 'Crop size of five_crop, px.')
   flags.DEFINE_enum('ensemble', None, ['probs', 'logits'],
                     'Average the runs\' probabilities or logits.')
+  flags.DEFINE_bool('out_of_fold', False, 'The runs are folds of one '
+                    'cross-validation: each predicts its own validation '
+                    'knees, reported together.')
 
 
 def evaluate(workdirs: str | Path | Sequence[str | Path], *,
              split: str = 'test', checkpoint: str = 'best',
              cache_dir: str | Path | None = None,
-             out: str | Path | None = None, **predict) -> dict[str, Any]:
+             out: str | Path | None = None, out_of_fold: bool = False,
+             **predict) -> dict[str, Any]:
   """Writes the report of `checkpoint` on `split` (or all of `cache_dir`).
 
+  With `out_of_fold` the runs are the folds of one cross-validation: each
+  predicts its own validation knees and one report covers them all.
   `predict` overrides the run's prediction settings (tta, tta_crop,
   ensemble); None values are ignored.
   """
   if isinstance(workdirs, (str, Path)):
     workdirs = [workdirs]
+  if out_of_fold:
+    if cache_dir is not None:
+      raise ValueError('--out_of_fold reports each run on its own validation '
+                       'knees; it takes no --cache')
+    return _out_of_fold(workdirs, checkpoint=checkpoint, out=out, **predict)
   config = config_lib.load_run_config(workdirs[0])
   from koajax import runtime
   runtime.configure_host(config)
@@ -111,6 +125,66 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
   return result
 
 
+def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
+                 out: str | Path | None, **predict) -> dict[str, Any]:
+  """One report of every run's predictions on its own validation knees."""
+  configs = [config_lib.load_run_config(w) for w in workdirs]
+  from koajax import runtime
+  runtime.configure_host(configs[0])
+  import jax
+  import numpy as np
+  from koajax import tasks
+  from koajax import train
+  from koajax.data import sources
+  from koajax.evaluation import report
+  from koajax.train import predictor as predictor_lib
+
+  def without_fold(config):
+    split = dict(config.split)
+    split.pop('fold', None)
+    data = {k: v for k, v in config.data.to_dict().items()
+            if k not in ('root', 'workers', 'redact_paths')}
+    return data, config.get('task', 'kl'), split
+
+  rows, probs, owner = [], [], {}
+  for workdir, config in zip(workdirs, configs):
+    if without_fold(config) != without_fold(configs[0]):
+      raise ValueError(f'{workdir} is not a fold of the cross-validation of '
+                       f'{workdirs[0]}: their data, task or split settings '
+                       'other than split.fold differ')
+    splits = train.saved_splits(workdir)
+    if splits is None:
+      raise FileNotFoundError(f'{workdir} has no {train.SPLITS_NPZ}')
+    for i in splits.val:
+      if int(i) in owner:
+        raise ValueError(f'{workdir} and {owner[int(i)]} validate on the '
+                         'same knees: they are not different folds')
+      owner[int(i)] = workdir
+    rows.append(splits.val)
+  cache = runtime.process_zero_first(
+      lambda: sources.resolve_cache(configs[0].data), 'koajax-cache')
+  task = tasks.from_config(configs[0])
+  for workdir, val in zip(workdirs, rows):
+    predictor = predictor_lib.Predictor.from_runs(
+        [workdir], checkpoint=checkpoint,
+        **{k: v for k, v in predict.items() if v is not None})
+    with jax.set_mesh(predictor.mesh):
+      probs.append(predictor.predict(cache, val))
+  indices = np.concatenate(rows)
+  order = np.argsort(indices, kind='stable')
+  merged = {head: np.concatenate([p[head] for p in probs])[order]
+            for head in task.head_names}
+  out = (Path(out) if out else
+         Path(workdirs[0]) / 'eval' / f'{checkpoint}-out-of-fold')
+  result = train.write_report(out, configs[0], task, cache, indices[order],
+                              merged)
+  if result is not None:
+    print(f'{checkpoint}, out of fold ({len(workdirs)} runs, '
+          f'{len(indices)} knees): {report.headline(result)}; report in '
+          f'{out / "metrics.json"}')
+  return result
+
+
 def main(argv):
   del argv  # cli.run_absl refuses positional arguments
   logging.set_verbosity(logging.WARNING)
@@ -119,8 +193,8 @@ def main(argv):
   std_logging.getLogger('absl').setLevel(std_logging.ERROR)
   f = flags.FLAGS
   evaluate(f.workdir, split=f.split, checkpoint=f.checkpoint,
-           cache_dir=f.cache, out=f.out, tta=f.tta, tta_crop=f.tta_crop,
-           ensemble=f.ensemble)
+           cache_dir=f.cache, out=f.out, out_of_fold=f.out_of_fold,
+           tta=f.tta, tta_crop=f.tta_crop, ensemble=f.ensemble)
 
 
 if __name__ == '__main__':

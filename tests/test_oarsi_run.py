@@ -90,3 +90,25 @@ def test_two_backbones_by_two_folds_evaluate_as_one_ensemble(runs, tmp_path):
         np.mean([m[columns].to_numpy() for m in members], axis=0),
         atol=1e-5)
   assert result['n_knees'] == len(frame) > 200
+
+
+def test_folds_report_their_out_of_fold_predictions_together(runs, tmp_path):
+  folds = [str(runs['resnet18', 0]), str(runs['resnet18', 1])]
+  result = evaluate.evaluate(folds, out=tmp_path, out_of_fold=True)
+  _check_report(tmp_path)
+  merged = pd.read_csv(tmp_path / 'predictions.csv').set_index('knee_id')
+  seen = []
+  for i, fold in enumerate(folds):
+    own = evaluate.evaluate([fold], split='val', out=tmp_path / f'f{i}')
+    del own
+    frame = pd.read_csv(tmp_path / f'f{i}' / 'predictions.csv')
+    seen += list(frame['knee_id'])
+    columns = [c for c in frame if '_p' in c]
+    np.testing.assert_allclose(
+        merged.loc[frame['knee_id'], columns].to_numpy(),
+        frame[columns].to_numpy(), atol=1e-6)
+  # Two folds of two validate every knee of the cross-validation once.
+  assert sorted(seen) == sorted(merged.index) and result['n_knees'] == len(seen)
+  with pytest.raises(ValueError, match='validate on the same knees'):
+    evaluate.evaluate([folds[0], folds[0]], out=tmp_path / 'x',
+                      out_of_fold=True)

@@ -16,7 +16,9 @@ the predictor standardises every knee it sees with the same two numbers.
 
 The schedule (heads trained alone first, then the whole network, Adam with
 PyTorch-style L2) is the optimiser's (`step.make_optimizer`), set by
-configs/oarsi.py.
+configs/oarsi.py. While the heads train alone the network still runs in
+training mode, so the backbone's batch-norm statistics follow the knees
+(its weights do not move).
 """
 
 from __future__ import annotations
