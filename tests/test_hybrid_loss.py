@@ -120,3 +120,20 @@ def test_one_and_eight_devices_give_the_same_loss():
 
 def test_the_default_class_confidence_is_the_smoothed_true_label():
   assert hybrid_loss.default_class_confidence(2) == pytest.approx(0.925)
+
+
+def test_the_method_recomputes_class_confidence_from_validation():
+  import ml_collections
+  from koajax import methods, tasks
+  task = tasks.get('kl0_vs_kl2')
+  method = methods.from_config(ml_collections.ConfigDict(
+      {'method': 'confidence', 'method_kwargs': {}}), task)
+  state = method.init_state(None)
+  np.testing.assert_allclose(state['class_confidence'], [0.925, 0.925])
+  probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+  labels = np.array([0, 0, -1, 0])  # class 1 absent, one knee ungraded
+  new = method.update_state(state, methods.Validation(
+      probs={'kl0_vs_kl2': probs}, labels={'kl0_vs_kl2': labels}, epoch=1.0))
+  # Class 0: mean p(0) of its three knees by hand; class 1 keeps its value.
+  np.testing.assert_allclose(new['class_confidence'],
+                             [(0.9 + 0.6 + 0.5) / 3, 0.925], rtol=1e-6)
