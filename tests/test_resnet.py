@@ -78,3 +78,23 @@ def test_unknown_flavour_is_named():
                      "'legacy'"):
     resnet.ResNet(stage_sizes=(1,), bottleneck=False, flavour='cadene',
                   heads={'a': 2}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_grouped_convolution_taps_equal_lax(stride):
+
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 12)).astype(np.float32))
+  args = (x, w, (stride, stride), [(1, 1), (1, 1)])
+  kwargs = dict(dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                feature_group_count=4)
+  want = jax.lax.conv_general_dilated(*args, **kwargs)
+  np.testing.assert_allclose(resnet.grouped_conv(*args, **kwargs), want,
+                             rtol=1e-5, atol=1e-5)
+  # The gradients too, which the train step uses.
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, *args[2:], **kwargs)))
+  got = jax.grad(loss(resnet.grouped_conv), argnums=(0, 1))(x, w)
+  ref = jax.grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -45,13 +45,57 @@ _BN = dict(epsilon=1e-5, momentum=0.9)
 _KAIMING = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def grouped_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, **kwargs):
+  """`lax.conv_general_dilated`, with grouped convolutions on CPU as one
+  batched matrix product per kernel tap.
+
+  XLA's CPU grouped convolution (and its gradient) is slow beyond use: the
+  3x3, 32-group convolution of an SE-ResNeXt50 stage-1 block (batch 16, 75
+  px, 128 channels) took 19.4 s forward and backward on a 2-core AMD EPYC,
+  against 0.87 s as 9 taps, each an einsum over the groups; the whole train
+  step 146 s against PyTorch's 3.8 s. Accelerators keep XLA's convolution.
+  The taps compute the same sums (tested against `lax` and timm).
+  """
+  dilated = any(d != 1 for d in (lhs_dilation or ())) or any(
+      d != 1 for d in (rhs_dilation or ()))
+  if (feature_group_count == 1 or dilated or isinstance(padding, str)
+      or jax.default_backend() != 'cpu'):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, **kwargs)
+  del kwargs  # precision, out_sharding: defaults here
+  # NHWC input, HWIO kernel (I = channels per group), as nnx.Conv passes.
+  kh, kw, cg, cout = rhs.shape
+  groups = feature_group_count
+  n, h, w, _ = lhs.shape
+  sh, sw = window_strides
+  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  kernel = rhs.reshape(kh, kw, cg, groups, cout // groups)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = jax.lax.slice(x, (0, i, j, 0),
+                          (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1,
+                           x.shape[3]), (1, sh, sw, 1))
+      term = jnp.einsum('nhwgc,cgd->nhwgd',
+                        tap.reshape(n, ho, wo, groups, cg), kernel[i, j])
+      y = term if y is None else y + term
+  return y.reshape(n, ho, wo, cout)
+
+
 def _conv(cin: int, cout: int, kernel: int, *, stride: int = 1,
           groups: int = 1, padding: int | None = None, bias: bool = False,
           dtype, rngs: nnx.Rngs) -> nnx.Conv:
   pad = kernel // 2 if padding is None else padding
   return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
                   padding=[(pad, pad)] * 2, feature_group_count=groups,
-                  use_bias=bias, kernel_init=_KAIMING, dtype=dtype, rngs=rngs)
+                  use_bias=bias, kernel_init=_KAIMING, dtype=dtype,
+                  conv_general_dilated=grouped_conv, rngs=rngs)
 
 
 def _bn(channels: int, *, dtype, rngs: nnx.Rngs,
