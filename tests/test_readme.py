@@ -86,6 +86,32 @@ SCENARIO = {
         ['koajax.evaluation.compare', '--a={tmp}/ensemble/predictions.csv',
          '--b={tmp}/koajax-semixup/predictions.csv', '--head=kl',
          '--n_chunks=5'],  # the smoke test set holds few subjects
+    'python -m koajax.main --config=configs/oarsi.py:quick '
+    '--workdir=/tmp/koajax-oarsi':
+        ['koajax.main', '--config=configs/oarsi.py:smoke',
+         '--workdir={tmp}/koajax-oarsi'],
+    'python -m koajax.main --config=configs/oarsi.py:quick '
+    '--workdir=/tmp/koajax-oarsi-r34-fold1 --config.model.name=resnet34 '
+    '--config.split.fold=1':
+        ['koajax.main', '--config=configs/oarsi.py:smoke',
+         '--workdir={tmp}/koajax-oarsi-r34-fold1',
+         '--config.model.name=resnet34', '--config.split.fold=1',
+         '--config.num_epochs=1'],
+    'python -m koajax.evaluate --workdir=/tmp/koajax-oarsi,'
+    '/tmp/koajax-oarsi-r34-fold1 --out=/tmp/koajax-oarsi-ensemble':
+        ['koajax.evaluate',
+         '--workdir={tmp}/koajax-oarsi,{tmp}/koajax-oarsi-r34-fold1',
+         '--out={tmp}/koajax-oarsi-ensemble'],
+    # Folds of one cross-validation: tested in test_oarsi_run.py.
+    'python -m koajax.evaluate --workdir=/runs/oarsi-sx50-fold0,'
+    '/runs/oarsi-sx50-fold1 --out_of_fold': 'help',
+    # The paper's setting needs ImageNet weights and hours; its splits are
+    # made in test_presets.py, weight import is tested in
+    # test_resnet_weights.py.
+    'python -m koajax.main --config=configs/oarsi.py '
+    '--workdir=/runs/oarsi-sx50-fold0 '
+    '--config.model.init=/weights/se_resnext50_32x4d-a260b3a4.pth '
+    '--config.split.fold=0': 'help',
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',
