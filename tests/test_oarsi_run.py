@@ -1,5 +1,6 @@
 """configs/oarsi.py end to end on the smoke preset: training, the report of
-every head against scikit-learn, and an ensemble over two backbones and two folds."""
+every head against scikit-learn, an ensemble over two backbones and two
+folds, and out-of-fold reports."""
 
 import json
 from pathlib import Path
