@@ -15,9 +15,12 @@ instead. Commands run their `main` through
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import contextlib
 import os
 from pathlib import Path
+import signal
 import sys
+import threading
 import tempfile
 import time
 import traceback
@@ -123,12 +126,48 @@ def report_failure(program: str, error: BaseException, verbose: bool) -> int:
   return code
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum, frame):
+  global _interrupted
+  _interrupted = True
+  signal.default_int_handler(signum, frame)
+
+
+def raise_if_interrupted() -> None:
+  """Raises KeyboardInterrupt if Ctrl-C came while a command ran, even if
+  the KeyboardInterrupt it raised was lost: Python drops an exception raised
+  in a weakref callback (the import system runs some), so a Ctrl-C that
+  lands there would otherwise let the command finish and write its output.
+  Called before an output replaces what was there."""
+  if _interrupted:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_recorded():
+  """Ctrl-C raises KeyboardInterrupt as usual and is also remembered."""
+  global _interrupted
+  _interrupted = False
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield  # a handler someone else chose stays
+    return
+  signal.signal(signal.SIGINT, _on_interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def call(program: str, main: Callable[..., Any], *args: Any,
          verbose: bool = False) -> int:
   """main(*args) as an exit code: its own int, else 0; errors as
   `report_failure` prints them."""
   try:
-    result = main(*args)
+    with _interrupts_recorded():
+      result = main(*args)
   except SystemExit as e:  # argparse's usage errors and explicit exits
     return e.code if isinstance(e.code, int) else (FAILED if e.code else OK)
   except BaseException as e:  # pylint: disable=broad-except

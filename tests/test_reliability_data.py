@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -479,6 +480,38 @@ def test_ctrl_c_leaves_the_folder_as_it_was(program, data, tmp_path):
   assert err.strip().splitlines()[-1] == f'{program}: interrupted'
   assert file_hashes(out) == before
   assert not _leftovers(out)  # removed on the way out, not left for later
+
+
+@pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_ctrl_c_python_drops_still_keeps_the_folder(tmp_path, capsys):
+  """Python drops a KeyboardInterrupt raised inside a weakref callback (the
+  import system runs some), so a command can run on after Ctrl-C; what it
+  would write must not replace the old output."""
+  target = tmp_path / 'out'
+  target.mkdir()
+  (target / 'old.txt').write_text('old')
+
+  def main():
+    class Thing:
+      pass
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _: cli._on_interrupt(signal.SIGINT, None))
+    del thing  # the callback's KeyboardInterrupt is printed and dropped
+    assert ref() is None
+    partial = atomic.new_partial(target)
+    (partial / 'new.txt').write_text('new')
+    atomic.publish(partial, target)
+
+  assert cli.call('koajax.test', main) == cli.INTERRUPTED
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      'koajax.test: interrupted')
+  assert [p.name for p in target.iterdir()] == ['old.txt']
+  atomic.discard_own(target)
+  assert cli.call('koajax.test', lambda: atomic.write_text(
+      target / 'old.txt', 'new')) == cli.OK
+  assert (target / 'old.txt').read_text() == 'new'  # the next command runs
+  assert not _leftovers(target)
 
 
 # --------------------------------------------------- paths as given ----

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from koajax import cli
+
 log = logging.getLogger(__name__)
 
 PARTIAL = 'partial'  # <name>.partial-<pid>: a folder being made
@@ -189,6 +191,7 @@ def publish(partial: str | os.PathLike, target: str | os.PathLike) -> None:
   removed after it.
   """
   partial, target = Path(partial), Path(target)
+  cli.raise_if_interrupted()
   try:
     os.rename(partial, target)  # no target, or an empty folder
     return
@@ -228,6 +231,7 @@ def _temporary(path: Path) -> Iterator[Path]:
   tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
   try:
     yield tmp
+    cli.raise_if_interrupted()
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
