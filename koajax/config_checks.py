@@ -224,6 +224,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           predictor.check_settings(task, **dict(config.predict))
       except ValueError as e:
         raise cli.BadInput(cli.message(e)) from e
+    if config.get('oversample', '') not in ('', 'bootstrap'):
+      raise cli.BadInput(
+          f"config field oversample={config.oversample!r}: give 'bootstrap' "
+          "(the training stream's smaller classes drawn with replacement up "
+          "to the largest) or '' (none)")
     if (config.optimizer.get('heads_only_epochs', 0) > 0
         and not config.model.get('init')):
       log.warning(

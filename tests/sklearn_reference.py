@@ -20,6 +20,8 @@ def sklearn_head(y, probs, positive_from=None):
       'f1_weighted': sk_metrics.f1_score(y, pred, average='weighted'),
       'log_loss': sk_metrics.log_loss(y, probs, labels=labels),
   }
+  if num_classes == 2:
+    out['f1'] = sk_metrics.f1_score(y, pred, pos_label=1)
   recall = sk_metrics.recall_score(y, pred, labels=labels, average=None,
                                    zero_division=np.nan)
   out.update({f'recall_{k}': r for k, r in enumerate(recall)})

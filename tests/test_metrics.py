@@ -176,6 +176,20 @@ def test_f1_weighted_equals_sklearn(num_classes, seed):
   assert vectorised['f1_weighted'][0] == pytest.approx(want, rel=1e-12)
 
 
+def test_binary_f1_is_the_positive_class_f1_of_sklearn():
+  y, probs = _predictions(250, 2, seed=4, signal=0.8)
+  pred = probs.argmax(axis=1)
+  got = metrics.classification_metrics(y, probs, positive_from=1)
+  assert got['f1'] == pytest.approx(sk_metrics.f1_score(y, pred), rel=1e-12)
+  counts = np.random.default_rng(5).integers(0, 3, size=(4, y.size))
+  resampled = metrics.resampled_metrics(y, probs, counts, positive_from=1)
+  for row, weights in enumerate(counts):
+    repeat = np.repeat(np.arange(y.size), weights)
+    assert resampled['f1'][row] == pytest.approx(
+        sk_metrics.f1_score(y[repeat], pred[repeat]), rel=1e-12)
+  assert 'f1' not in metrics.classification_metrics(*_predictions(50, 3))
+
+
 # With sample_weight, scikit-learn still lists a grade whose samples all have
 # weight 0 and warns that its F1 is 0/0; its weight (support) is 0 as well.
 @pytest.mark.filterwarnings(

@@ -245,3 +245,51 @@ def test_eval_batches_cover_every_knee_once(cache):
                                            batch_size=4, sharding=ONE))
   assert [len(b) for b in batches] == [4, 4, 2]
   np.testing.assert_array_equal(np.concatenate(batches), np.arange(10))
+
+
+# --- bootstrap oversampling --------------------------------------------------
+
+
+def _oversampled(cache, labels, seed=9):
+  return pipeline.to_iterator(pipeline.knee_dataset(
+      cache, np.arange(NUM_KNEES), view='siamese', batch_size=4, seed=seed,
+      num_epochs=None, oversample=labels, sharding=ONE))
+
+
+def test_bootstrap_balances_every_epoch_with_new_draws(cache):
+  # 30 knees of class 0, 12 of class 1, 6 masked: each epoch holds every
+  # knee once and 18 more of class 1, drawn with replacement.
+  labels = np.array([0] * 30 + [1] * 12 + [-1] * 6)
+  labels = labels[np.random.default_rng(1).permutation(NUM_KNEES)]
+  assert pipeline.bootstrap_counts(labels) == {1: 18}
+  assert pipeline.epoch_knees(NUM_KNEES, labels) == 66
+  steps = pipeline.steps_per_epoch(66, 4)  # 16: 64 of the 66 per epoch
+  batches = np.concatenate(_indices(_oversampled(cache, labels), n=3 * steps))
+  epochs = batches.reshape(3, 64)
+  draws = []
+  for epoch in epochs:
+    counts = np.bincount(epoch, minlength=NUM_KNEES)
+    # At most 2 of the 66 (one epoch's tail) sit the epoch out.
+    assert (counts[labels != 1] <= 1).all() and (counts[labels != 1] == 0
+                                                 ).sum() <= 2
+    assert counts[labels == 1].sum() >= 28  # 12 + 18, less the tail
+    assert (np.bincount(labels[epoch] + 1)[1:] >= [28, 28]).all()
+    draws.append(counts[labels == 1])
+  assert not np.array_equal(draws[0], draws[1])  # new draws each epoch
+  # Deterministic by seed; another seed draws (and shuffles) otherwise.
+  again = np.concatenate(_indices(_oversampled(cache, labels), n=steps))
+  np.testing.assert_array_equal(again, epochs[0])
+  other = np.concatenate(_indices(_oversampled(cache, labels, seed=10),
+                                  n=steps))
+  assert not np.array_equal(other, epochs[0])
+
+
+def test_bootstrap_stream_resumes_at_the_next_batch(cache):
+  labels = np.arange(NUM_KNEES) % 3 == 0
+  it = _oversampled(cache, labels.astype(int))
+  _indices(it, n=20)  # into the second epoch (64 knees = 16 batches)
+  state = it.get_state()
+  expected = _indices(it, n=6)
+  restored = _oversampled(cache, labels.astype(int))
+  restored.set_state(state)
+  np.testing.assert_array_equal(_indices(restored, n=6), expected)

@@ -1,7 +1,7 @@
 """Grain input pipeline over a knee cache.
 
     source(cache records, restricted to a split's record indices)
-      -> shuffle (a new order every epoch) -> whole global batches per epoch
+      -> [bootstrap draws of the minority classes] -> shuffle (a new order every epoch) -> whole global batches per epoch
       -> this process's share -> repeat -> decode + method view -> batch
       -> to_iter_dataset -> [mp_prefetch into worker processes]
 
@@ -21,6 +21,13 @@ together form one global batch (`jax.make_array_from_process_local_data`).
 An epoch of the labeled stream is one pass over its subset, cut to whole
 global batches (at most batch_size - 1 knees, different ones each epoch, sit
 an epoch out). The unlabeled stream repeats forever with its own shuffle.
+
+With `oversample` labels, each epoch of the labeled stream also holds, for
+every class smaller than the largest, enough knees drawn from it with
+replacement to make it as large (bootstrap oversampling, as the
+confidence-driven paper does for KL-2). The draws are new every epoch and a
+function of (seed, epoch) only, so a resumed stream draws what the
+uninterrupted one would have.
 
 Iterators are Grain `DatasetIterator`s: `get_state()` / `set_state()`, and
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside an
@@ -131,6 +138,68 @@ class _BatchShard(grain.MapDataset):
     return f'_BatchShard(rows {self._offset}+{self._local} of {self._batch_size})'
 
 
+def bootstrap_counts(labels: np.ndarray) -> dict[int, int]:
+  """Class -> knees drawn with replacement each epoch so that every class
+  of `labels` is as large as the largest (masked labels, < 0, are never
+  drawn)."""
+  classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+  if not len(classes):
+    return {}
+  return {int(k): int(counts.max() - n) for k, n in zip(classes, counts)
+          if n < counts.max()}
+
+
+def epoch_knees(num_knees: int, oversample: np.ndarray | None = None) -> int:
+  """Knees in one epoch of a stream of `num_knees` (with its bootstrap
+  draws when `oversample` labels are given)."""
+  if oversample is None:
+    return num_knees
+  return num_knees + sum(bootstrap_counts(np.asarray(oversample)).values())
+
+
+class _Bootstrap(grain.MapDataset):
+  """Every element of the parent once per epoch, then `bootstrap_counts`
+  more of each minority class drawn with replacement, new each epoch."""
+
+  def __init__(self, parent: grain.MapDataset, *, labels: np.ndarray,
+               seed: int):
+    super().__init__(parent)
+    labels = np.asarray(labels)
+    if len(labels) != len(parent):
+      raise ValueError(f'{len(labels)} oversampling labels for '
+                       f'{len(parent)} knees')
+    self._pools = [(np.flatnonzero(labels == k), n) for k, n in
+                   sorted(bootstrap_counts(labels).items())]
+    self._seed = seed
+    self._length = epoch_knees(len(parent), labels)
+    self._drawn: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _draws(self, epoch: int) -> np.ndarray:
+    # One read of the cached epoch: reader threads may cross an epoch's end
+    # at the same time, and each must use its own epoch's draws.
+    drawn = self._drawn
+    if drawn is None or drawn[0] != epoch:
+      rng = np.random.default_rng([self._seed, epoch])
+      draws = [rng.choice(pool, n) for pool, n in self._pools]
+      drawn = epoch, np.concatenate(draws or [np.zeros(0, np.int64)])
+      self._drawn = drawn
+    return drawn[1]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(index, self._length)
+    n = len(self._parent)
+    position = i if i < n else int(self._draws(epoch)[i - n])
+    return self._parent[epoch * n + position]
+
+  def __str__(self) -> str:
+    return f'_Bootstrap({self._length - len(self._parent)} draws per epoch)'
+
+
 def _local_batch_size(batch_size: int, sharding: Sharding) -> int:
   if batch_size % sharding.count:
     raise ValueError(f'batch size {batch_size} does not split over '
@@ -148,6 +217,7 @@ def knee_dataset(cache: cache_lib.Cache,
                  batch_size: int, seed: int, task: Any = None,
                  view_size: int = 0, shuffle: bool = True,
                  num_epochs: int | None = 1,
+                 oversample: np.ndarray | None = None,
                  sharding: Sharding | None = None) -> grain.MapDataset:
   """The batched MapDataset of this process's share of `indices`.
 
@@ -161,18 +231,24 @@ def knee_dataset(cache: cache_lib.Cache,
     seed: shuffle seed; epoch e is shuffled with seed + e (Grain's rule).
     shuffle: False keeps `indices` order (evaluation).
     num_epochs: epochs to run, None for an endless stream.
+    oversample: labels of `indices` whose smaller classes are bootstrapped
+      up to the largest one's size every epoch (None: no oversampling).
     sharding: this process's share; default from jax.process_index/count.
 
   Returns:
     A MapDataset of dicts of batched arrays; every epoch has exactly
-    `steps_per_epoch(len(indices), batch_size)` batches.
+    `steps_per_epoch(epoch_knees(len(indices), oversample), batch_size)`
+    batches.
   """
   sharding = sharding or Sharding.from_jax()
   local_batch = _local_batch_size(batch_size, sharding)
-  usable = steps_per_epoch(len(indices), batch_size) * batch_size
+  knees = epoch_knees(len(indices), oversample)
+  usable = steps_per_epoch(knees, batch_size) * batch_size
   if not usable:
-    raise ValueError(f'{len(indices)} knees make no batch of {batch_size}')
+    raise ValueError(f'{knees} knees make no batch of {batch_size}')
   ds = grain.MapDataset.source(_Subset(cache.source(), np.asarray(indices)))
+  if oversample is not None:
+    ds = _Bootstrap(ds, labels=oversample, seed=seed)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   # Indices past an epoch's end fall through shuffle, slice and source into
@@ -224,6 +300,7 @@ def make_streams(cache: cache_lib.Cache, *,
                  view: str = 'siamese', view_size: int = 0,
                  task: Any = None, batch_size: int,
                  unlabeled_batch_size: int | None = None, seed: int = 0,
+                 oversample: np.ndarray | None = None,
                  num_epochs: int | None = None, worker_count: int = 0,
                  read_threads: int | None = None,
                  sharding: Sharding | None = None
@@ -235,13 +312,14 @@ def make_streams(cache: cache_lib.Cache, *,
   `unlabeled_batch_size` (default `batch_size`) with an independent shuffle,
   so one labeled epoch can see any number of unlabeled batches. Each stream
   gets `worker_count` worker processes of its own. With a `task`, elements
-  carry its labels.
+  carry its labels. `oversample`: labels of `labeled` whose smaller classes
+  the labeled stream bootstraps (`knee_dataset`).
   """
   common = dict(view=view, view_size=view_size, task=task, sharding=sharding)
   io = dict(worker_count=worker_count, read_threads=read_threads)
   streams = {'labeled': to_iterator(knee_dataset(
       cache, labeled, batch_size=batch_size, seed=seed,
-      num_epochs=num_epochs, **common), **io)}
+      num_epochs=num_epochs, oversample=oversample, **common), **io)}
   if unlabeled is not None:
     # A seed far from the labeled one: Grain shuffles epoch e with seed + e,
     # so nearby seeds would reuse the labeled stream's permutations.

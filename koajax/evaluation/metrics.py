@@ -29,6 +29,9 @@ Metric names (all scalars; higher is better except those in LOWER_IS_BETTER,
                       that occur in y_true or in the predictions, as
                       `sklearn.metrics.f1_score(average='weighted')` does by
                       default; a grade that is only predicted has weight 0
+  f1                  2-class heads only: F1 of class 1 (the positive one,
+                      e.g. KL-2 against KL-0); NaN with no class-1 knee true
+                      or predicted
   log_loss            mean -log p(true grade), probabilities clipped to
                       [eps, 1 - eps] (eps of float64) as in
                       `sklearn.metrics.log_loss(y, probs, labels=range(C))`
@@ -90,7 +93,7 @@ def metric_names(num_classes: int,
   """Names of the scalar metrics of a head, in the order they are reported."""
   _check_positive_from(positive_from, num_classes)
   names = ('balanced_accuracy', 'kappa', 'mse', 'accuracy', 'f1_weighted',
-           'log_loss',
+           *(('f1',) if num_classes == 2 else ()), 'log_loss',
            *(f'recall_{k}' for k in range(num_classes)))
   return names + (RANKING_METRICS if positive_from is not None else ())
 
@@ -155,6 +158,9 @@ def classification_metrics(y_true, probs, *,
     out['f1_weighted'] = sk_metrics.f1_score(
         y, pred, labels=np.union1d(y, pred), average='weighted',
         zero_division=0.0)
+    if p.shape[1] == 2:
+      out['f1'] = sk_metrics.f1_score(y, pred, labels=[0, 1], pos_label=1,
+                                      average='binary', zero_division=np.nan)
     out['log_loss'] = _true_class_log_loss(y, p).mean()
     recall = sk_metrics.recall_score(y, pred, labels=labels, average=None,
                                      zero_division=np.nan)
@@ -259,6 +265,8 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
         'accuracy': hits.sum(axis=1) / total,
         'f1_weighted': f1_weighted,
     }
+    if num_classes == 2:
+      out['f1'] = f1[:, 1]  # NaN with no positive knee, true or predicted
   out.update({f'recall_{k}': recall[:, k] for k in grades})
   return out
 

@@ -141,6 +141,35 @@ def pr_png(positive, score, path: str | Path, *,
   return _save(fig, path)
 
 
+def sorted_confidence(labels, probs) -> dict[int, np.ndarray]:
+  """Class -> p(true class) of that class's knees, highest first: the
+  confidence-driven paper's sorted confidence curves. Labels < 0 (masked)
+  are left out; a class without knees is absent."""
+  labels, probs = np.asarray(labels), np.asarray(probs)
+  return {k: np.sort(probs[labels == k, k])[::-1]
+          for k in range(probs.shape[1]) if np.any(labels == k)}
+
+
+def confidence_curves_png(labels, probs, path: str | Path, *,
+                          class_names: Sequence[str] | None = None,
+                          title: str = 'Sorted confidence') -> Path:
+  """Each class's p(true class), sorted, against the knee's rank as a
+  fraction of the class: how many knees the model is sure of, and how
+  unsure it is of the rest."""
+  curves = sorted_confidence(labels, probs)
+  names = list(class_names or [str(k) for k in range(np.shape(probs)[1])])
+  fig, ax = _curve_axes(title, 'knees of the class, most confident first',
+                        'p(true class)')
+  ax.axhline(0.5, color='grey', lw=0.8, ls='--')
+  for k, values in curves.items():
+    ranks = (np.arange(len(values)) + 0.5) / len(values)
+    ax.plot(ranks, values, lw=1.5, label=f'{names[k]} (n = {len(values)})')
+  if curves:
+    ax.legend(loc='lower left')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def table_png(columns: Sequence[str], rows: Sequence[Sequence[str]],
               path: str | Path, *, title: str = '',
               shaded_rows: Sequence[int] = (), footnote: str = '') -> Path:

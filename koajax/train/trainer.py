@@ -151,9 +151,14 @@ class Trainer:
 
     key = jax.random.key(config.seed)
     self.init_key, self.step_key = jax.random.split(key)
-    self.steps_per_epoch = pipeline.steps_per_epoch(
-        len(self.splits.labeled), config.batch_size)
     labeled_index = self.cache.index.iloc[self.splits.labeled]
+    # 'bootstrap': the first head's smaller classes drawn with replacement
+    # up to the largest one's size, every epoch (koajax.data.pipeline).
+    oversample = (self.task.index_labels(labeled_index)[self.task.heads[0].name]
+                  if config.get('oversample', '') == 'bootstrap' else None)
+    self.steps_per_epoch = pipeline.steps_per_epoch(
+        pipeline.epoch_knees(len(self.splits.labeled), oversample),
+        config.batch_size)
     method_state = self.method.init_state(methods_lib.TrainingData(
         index=labeled_index, labels=self.task.index_labels(labeled_index),
         seed=config.seed, images=functools.partial(
@@ -183,7 +188,8 @@ class Trainer:
         view=self.task.view, view_size=self.task.view_size, task=self.task,
         batch_size=config.batch_size,
         unlabeled_batch_size=batch_sizes['unlabeled'], seed=config.seed,
-        num_epochs=None, worker_count=config.data_workers)
+        oversample=oversample, num_epochs=None,
+        worker_count=config.data_workers)
     self.ckpts = checkpoints_lib.Checkpoints(self.workdir, selection)
     self.plan = plan_lib.describe(
         config, task=self.task.name, splits=self.splits, streams=streams,
