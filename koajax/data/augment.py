@@ -111,6 +111,17 @@ def gamma_correction(image: Array, gamma: Array) -> Array:
   return 255.0 * (jnp.clip(image, 0.0, 255.0) / 255.0) ** (1.0 / gamma)
 
 
+def _maybe_noise(key: Array, image: Array, u: Array, *, noise_p: Any,
+                 noise_gain: float) -> Array:
+  """Gaussian noise of gain noise_gain u[0] where u[1] < noise_p; `where`
+  keeps the other images bit-exact. A Python noise_p of 0 draws no noise at
+  all (a method without noise would pay for a full-size normal draw)."""
+  if isinstance(noise_p, (int, float)) and noise_p <= 0:
+    return image
+  noisy = additive_gaussian_noise(key, image, noise_gain * u[0])
+  return jnp.where(u[1] < noise_p, noisy, image)
+
+
 def _semixup_one(key: Array, image: Array, *, noise_p: float = 0.5,
                  noise_gain: float = 0.3, max_rotation_deg: float = 10.0,
                  pad_fraction: float = 0.05, gamma_p: float = 0.5,
@@ -122,9 +133,9 @@ def _semixup_one(key: Array, image: Array, *, noise_p: float = 0.5,
   image = jnp.asarray(image, jnp.float32)
   shape = image.shape
 
-  # 1. Noise with probability noise_p; `where` keeps skipped images bit-exact.
-  noisy = additive_gaussian_noise(k_noise, image, noise_gain * u[0])
-  image = jnp.where(u[1] < noise_p, noisy, image)
+  # 1. Noise with probability noise_p.
+  image = _maybe_noise(k_noise, image, u, noise_p=noise_p,
+                       noise_gain=noise_gain)
 
   # 2-4. Rotation about the centre, then zero padding by pad_fraction and a
   # random crop back to `shape`: the crop is an integer shift of up to half
@@ -174,8 +185,8 @@ def crop_augment(key: Array, image: Array, *, crop: int,
   k_params, k_noise = jax.random.split(key)
   u = jax.random.uniform(k_params, (7,))  # one draw: see _semixup_one
   image = jnp.asarray(image, jnp.float32)
-  noisy = additive_gaussian_noise(k_noise, image, noise_gain * u[0])
-  image = jnp.where(u[1] < noise_p, noisy, image)
+  image = _maybe_noise(k_noise, image, u, noise_p=noise_p,
+                       noise_gain=noise_gain)
   angle = max_rotation_deg * (2.0 * u[2] - 1.0)
   # The crop's top-left corner, uniform over the whole offsets; as a shift
   # of the output centre from the input centre.
