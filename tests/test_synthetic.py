@@ -42,7 +42,9 @@ def cohort() -> dict[str, np.ndarray]:
 def test_manifest_and_landmarks_follow_schema(dataset):
   manifest = _read_csv(dataset / synthetic.MANIFEST)
   landmarks = _read_csv(dataset / synthetic.LANDMARKS)
-  assert tuple(manifest.columns) == schema.MANIFEST_COLUMNS
+  readers = tuple(schema.reader_column(name) for name in
+                  grading.reader_names(grading.CohortConfig()))
+  assert tuple(manifest.columns) == schema.MANIFEST_COLUMNS + readers
   assert tuple(landmarks.columns) == schema.LANDMARK_COLUMNS
   keys = list(schema.ID_COLUMNS)
   assert not manifest.duplicated(keys).any()

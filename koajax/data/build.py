@@ -7,6 +7,8 @@
 Each radiograph is read once for all its knees (a bilateral film has two),
 files are processed in parallel, and the cache lists knees in a fixed order:
 files by their first row in the manifest, then knees in manifest order.
+The manifest's kl_reader_<name> columns (further readers' KL grades) go into
+the cache index as they are, -1 where empty.
 
 Nothing unusable stops the build: every manifest row or file that cannot be
 used is logged on one line, named with its reason, and listed in
@@ -101,6 +103,7 @@ class _KneeTask:
   site: str
   grades: tuple[int, ...]
   landmarks: np.ndarray
+  readers: tuple[tuple[str, int], ...] = ()  # (kl_reader_<name>, grade)
 
   @property
   def knee_id(self) -> str:
@@ -193,7 +196,7 @@ def _extract(knee: _KneeTask, path: str, image: np.ndarray,
   return cache.Knee(
       subject_id=knee.subject_id, visit=knee.visit, side=knee.side,
       site=knee.site, image=roi, keypoints=keypoints,
-      grades=np.asarray(knee.grades, np.int8))
+      grades=np.asarray(knee.grades, np.int8), readers=dict(knee.readers))
 
 
 def _knees_label(ids: Sequence[str]) -> str:
@@ -208,7 +211,9 @@ def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
   skipped: list[Skipped] = []
   by_path: dict[str, list[_KneeTask]] = {}
   written: dict[str, str] = {}
-  for r in df.itertuples(index=False):
+  reader_columns = schema.reader_columns(df.columns)
+  readers = df[reader_columns].to_numpy(int) if reader_columns else None
+  for i, r in enumerate(df.itertuples(index=False)):
     label = _row_label(r.row, r.subject_id, r.visit, r.side)
     knee_ids = ((schema.knee_id(r.subject_id, r.visit, r.side),)
                 if r.visit >= 0 else ())
@@ -227,7 +232,9 @@ def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
     by_path.setdefault(path, []).append(_KneeTask(
         row=r.row, subject_id=r.subject_id, visit=r.visit, side=r.side,
         site=r.site, grades=tuple(getattr(r, g) for g in schema.GRADES),
-        landmarks=np.asarray(points, np.float64)))
+        landmarks=np.asarray(points, np.float64),
+        readers=() if readers is None else tuple(
+            zip(reader_columns, map(int, readers[i])))))
   tasks = []
   for path, knees in by_path.items():
     shown = (_knees_label([k.knee_id for k in knees]) if redact_paths

@@ -4,6 +4,8 @@ A cache directory holds
 
   knees.array_record  one record per knee (msgpack: ROI image, keypoints, grades)
   index.csv           one row per record, in record order: ids, site, grades
+                      and kl_reader_<name> per further reader (KL grade, -1
+                      when not graded; only in the index, not the records)
   summary.json        what the build made and every input it skipped, and why
   meta.json           written last; a directory without it is not a cache
 
@@ -14,6 +16,10 @@ next build removes the partial folders of processes that have stopped. DIR
 must be new, empty, or hold a koajax cache (or the summary of a failed
 build): a folder with anything else in it is refused before anything is
 written (`check_output_dir`).
+
+Reader columns are optional: a cache without them, as older koajax wrote,
+opens as before, and `set_reader_columns` brings its index up to date with
+a manifest that gained them without rebuilding the records.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Knee:
   image: np.ndarray  # (roi_px, roi_px) uint8
   keypoints: np.ndarray  # (16, 2) float32 (x, y) in ROI pixels; NaN if unknown
   grades: np.ndarray  # (7,) int8 in schema.GRADES order; -1 = not graded
+  # kl_reader_<name> -> KL grade of a further reader, -1 = not graded.
+  readers: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def knee_id(self) -> str:
@@ -173,6 +181,7 @@ class CacheWriter:
     atomic.clean_stale(self._target)
     check_output_dir(self.dir)
     self._rows: list[dict[str, Any]] = []
+    self._readers: dict[str, None] = {}  # reader columns in order of arrival
     self._meta = {'roi_mm': float(roi_mm), 'roi_px': int(roi_px),
                   **(extra_meta or {})}
     self._ids: set[str] = set()
@@ -197,6 +206,8 @@ class CacheWriter:
     row = {'knee_id': knee.knee_id, 'subject_id': knee.subject_id,
            'visit': int(knee.visit), 'side': knee.side, 'site': knee.site}
     row.update({g: int(v) for g, v in zip(schema.GRADES, knee.grades)})
+    row.update({c: int(v) for c, v in knee.readers.items()})
+    self._readers.update(dict.fromkeys(knee.readers))
     self._rows.append(row)
 
   def __len__(self) -> int:
@@ -210,8 +221,11 @@ class CacheWriter:
     try:
       self._writer.close()
       columns = ['knee_id', 'subject_id', 'visit', 'side', 'site',
-                 *schema.GRADES]
+                 *schema.GRADES, *self._readers]
       index = pd.DataFrame(self._rows, columns=columns)
+      for column in self._readers:
+        # A knee without the column was not graded by that reader.
+        index[column] = index[column].fillna(schema.UNGRADED).astype(int)
       (self._work / INDEX).write_text(index.to_csv(index=False),
                                       encoding='utf-8')
       summary = dict(summary or {})
@@ -304,6 +318,11 @@ class Cache:
     return decode(self._source[int(i)])
 
 
+def summary(cache_dir: str | os.PathLike) -> dict[str, Any] | None:
+  """The summary.json of a cache folder, or None if it has none."""
+  return _json_dict(Path(cache_dir) / SUMMARY)
+
+
 def is_complete(cache_dir: str | os.PathLike) -> bool:
   return (Path(cache_dir) / META).is_file()
 
@@ -327,3 +346,35 @@ def open_cache(cache_dir: str | os.PathLike) -> Cache:
     raise IncompleteCacheError(
         f'{d / INDEX} has {len(index)} rows, meta says {meta["num_knees"]}')
   return Cache(dir=d, meta=meta, index=index)
+
+
+def set_reader_columns(cache_dir: str | os.PathLike,
+                       readers: pd.DataFrame) -> bool:
+  """Makes the reader columns of a cache's index those of `readers`.
+
+  For a manifest whose reader columns were added or changed after the cache
+  was built: only index.csv changes, replaced in one step
+  (`atomic.write_text`), and only when it differs.
+
+  Args:
+    cache_dir: a complete cache.
+    readers: knee_id and the kl_reader_<name> columns (ints, -1 for not
+      graded), e.g. `manifest.read_readers`; knees it lacks get -1.
+
+  Returns:
+    Whether index.csv was rewritten.
+  """
+  path = Path(cache_dir) / INDEX
+  # All text, so the columns that stay are written back as they were.
+  index = pd.read_csv(path, dtype=str, keep_default_na=False)
+  old = schema.reader_columns(index.columns)
+  new = schema.reader_columns(readers.columns)
+  by_knee = readers.set_index('knee_id')
+  updated = index.drop(columns=old)
+  for column in new:
+    updated[column] = by_knee[column].reindex(updated['knee_id']).fillna(
+        schema.UNGRADED).astype(int).astype(str).to_numpy()
+  if updated.equals(index):
+    return False
+  atomic.write_text(path, updated.to_csv(index=False))
+  return True

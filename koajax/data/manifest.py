@@ -14,6 +14,11 @@ number and still use the rest:
 
 Row numbers count lines as a spreadsheet does: the header is row 1, the first
 knee is row 2.
+
+The optional kl_reader_<name> columns (further readers' KL grades, see
+`schema`) are the exception: they never decide whether a knee is used, so a
+bad cell there is fatal (`ManifestError` naming the file, row and column)
+rather than a silently lost comparison with that reader.
 """
 
 from __future__ import annotations
@@ -151,28 +156,76 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
   """Reads a manifest and checks every row.
 
   Args:
-    path: the manifest CSV (columns `schema.MANIFEST_COLUMNS`; others are
-      ignored). Grade columns must be present but may be empty.
+    path: the manifest CSV (columns `schema.MANIFEST_COLUMNS` and optional
+      kl_reader_<name> columns; others are ignored). Grade columns must be
+      present but may be empty.
 
   Returns:
     One row per manifest row, in file order, with typed columns
     (subject_id str, visit int or -1 if unparsable, side 'R'/'L', site str,
-    path str resolved against the manifest's folder, grades int with -1 for
-    ungraded) plus `row` (spreadsheet row number), `path_in_manifest` (the
-    path cell as written) and `problem` ('' if the row is usable).
+    path str resolved against the manifest's folder, grades and reader
+    grades int with -1 for ungraded) plus `row` (spreadsheet row number),
+    `path_in_manifest` (the path cell as written) and `problem` ('' if the
+    row is usable).
 
   Raises:
     ManifestError: the file is missing, empty, not comma-separated UTF-8
-      text, has no rows or lacks required columns.
+      text, has no rows, lacks required columns, or has a reader column
+      with a bad name or a cell that is not a KL grade.
   """
   path = Path(path)
   df = _read_csv(path, schema.MANIFEST_COLUMNS, 'manifest')
-  df = df[list(schema.MANIFEST_COLUMNS)].copy()
+  readers = schema.reader_columns(df.columns)
+  df = df[list(schema.MANIFEST_COLUMNS) + readers].copy()
   df.insert(0, ROW, np.arange(len(df)) + 2)
+  parse_readers(df, path)
   folder = path.parent
   df[PATH_AS_WRITTEN] = [p.strip() for p in df['path']]
   df['path'] = [str(folder / p) if p else '' for p in df[PATH_AS_WRITTEN]]
   return validate_manifest(df)
+
+
+def parse_readers(df: pd.DataFrame, where: str | os.PathLike) -> list[str]:
+  """Turns the kl_reader_<name> columns of `df` into ints, -1 for empty.
+
+  Args:
+    df: manifest rows, with `row` (spreadsheet row numbers) if known.
+    where: how messages name the manifest (its path).
+
+  Returns:
+    The reader columns, in their order.
+
+  Raises:
+    ManifestError: a reader name that is not letters, digits and _, or a
+      cell that is neither empty nor a KL grade 0-4.
+  """
+  columns = schema.reader_columns(df.columns)
+  for column in columns:
+    name = column[len(schema.READER_PREFIX):]
+    if not schema.READER_NAME.match(name):
+      raise ManifestError(
+          f'{where}: column {column!r} names no reader; name reader columns '
+          f'{schema.READER_PREFIX}<name> with letters, digits and _ only')
+    rows = df[ROW] if ROW in df.columns else np.arange(len(df)) + 2
+    values = []
+    for row, cell in zip(rows, df[column]):
+      value = _parse_int(cell)
+      if _is_empty(cell) or value == schema.UNGRADED:
+        values.append(schema.UNGRADED)
+      elif value is None or not 0 <= value <= schema.GRADE_MAX['kl']:
+        raise ManifestError(
+            f'{where} row {row}: {column}={str(cell).strip()!r} is not a KL '
+            'grade 0-4; correct it, or leave the cell empty if that reader '
+            'did not grade the knee')
+      else:
+        values.append(value)
+    df[column] = np.asarray(values, int)
+  return columns
+
+
+def _is_empty(cell) -> bool:
+  return cell is None or cell is pd.NA or (
+      isinstance(cell, float) and np.isnan(cell)) or str(cell).strip() == ''
 
 
 def _parse_int(cell) -> int | None:
@@ -228,7 +281,8 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
 
   For frames made by hand with the manifest columns (paths are used as
   given); `read_manifest` calls it. Not for its own output: a grade cell
-  found out of range is already replaced by -1 there.
+  found out of range is already replaced by -1 there. Reader columns are
+  typed by `parse_readers`, which raises on a bad cell.
   """
   missing = [c for c in schema.MANIFEST_COLUMNS if c not in df.columns]
   if missing:
@@ -237,6 +291,7 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
   df = df.reset_index(drop=True).copy()
   if ROW not in df.columns:
     df.insert(0, ROW, np.arange(len(df)) + 2)
+  parse_readers(df, 'the manifest')
   problems, parsed = zip(*(_row_problems(r) for _, r in df.iterrows())) if (
       len(df)) else ((), ())
   parsed = pd.DataFrame(list(parsed), index=df.index,
@@ -270,6 +325,34 @@ def _mark_duplicates(df: pd.DataFrame) -> None:
               f'{others}); all copies skipped')
       df.at[i, PROBLEM] = '; '.join(p for p in (df.at[i, PROBLEM], note) if p)
       df.at[i, PROBLEM_KIND] = df.at[i, PROBLEM_KIND] or 'duplicate'
+
+
+def read_readers(path: str | os.PathLike) -> pd.DataFrame:
+  """The further readers' grades of a manifest, without checking the rest.
+
+  Cheaper than `read_manifest` for a manifest that was built already.
+
+  Returns:
+    Columns knee_id and every kl_reader_<name> (int, -1 for empty), one row
+    per manifest row with a usable key (later copies of a key dropped); no
+    reader columns when the manifest has none.
+
+  Raises:
+    ManifestError: as `read_manifest` does for the file and reader columns.
+  """
+  path = Path(path)
+  df = _read_csv(path, schema.MANIFEST_COLUMNS, 'manifest')
+  df.insert(0, ROW, np.arange(len(df)) + 2)
+  readers = parse_readers(df, path)
+  visits = [_parse_int(v) for v in df['visit']]
+  ids = [schema.knee_id(str(s).strip(), v, str(side).strip().upper())
+         if v is not None and v >= 0 else ''
+         for s, v, side in zip(df['subject_id'], visits, df['side'])]
+  out = pd.DataFrame({'knee_id': ids})
+  for column in readers:
+    out[column] = df[column].to_numpy()
+  return out[out.knee_id != ''].drop_duplicates('knee_id').reset_index(
+      drop=True)
 
 
 def read_landmarks(path: str | os.PathLike, *, shown: str | None = None

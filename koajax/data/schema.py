@@ -18,6 +18,12 @@ koajax. Columns:
 
 An empty grade cell means "not graded": a knee with no KL is unlabeled data.
 
+Optional columns kl_reader_<name> (name: letters, digits and _) hold the KL
+grades 0-4 of further readers, e.g. the radiologists a model is compared
+with; an empty cell means that reader did not grade the knee. They are kept
+apart from `kl`, which stays the reference the model learns from, and reach
+the cache index as integers (-1 for not graded).
+
 The landmarks CSV holds 16 points per knee in image pixel coordinates of the
 file named by the manifest: columns subject_id, visit, side, x0, y0, ...,
 x15, y15. Points run along the joint contours, each bone from its lateral
@@ -38,6 +44,8 @@ right-to-left):
 
 from __future__ import annotations
 
+import re
+
 # Grades in the order the cache stores them.
 GRADES = ('kl', 'ost_fl', 'ost_fm', 'ost_tl', 'ost_tm', 'jsn_l', 'jsn_m')
 OARSI_GRADES = GRADES[1:]
@@ -47,6 +55,24 @@ UNGRADED = -1  # how a missing grade is stored in arrays
 ID_COLUMNS = ('subject_id', 'visit', 'side')
 MANIFEST_COLUMNS = ID_COLUMNS + ('site', 'path') + GRADES
 SIDES = ('R', 'L')
+
+READER_PREFIX = 'kl_reader_'  # kl_reader_<name>: another reader's KL grade
+READER_NAME = re.compile(r'^[A-Za-z0-9_]+$')
+
+
+def reader_column(name: str) -> str:
+  """The manifest and cache index column of reader `name`."""
+  return READER_PREFIX + name
+
+
+def reader_columns(columns) -> list[str]:
+  """The kl_reader_<name> columns among `columns`, in their order."""
+  return [str(c) for c in columns if str(c).startswith(READER_PREFIX)]
+
+
+def reader_names(columns) -> list[str]:
+  """The names of the readers whose columns are among `columns`."""
+  return [c[len(READER_PREFIX):] for c in reader_columns(columns)]
 
 NUM_LANDMARKS = 16
 TIBIA = tuple(range(0, 9))

@@ -1,4 +1,11 @@
-"""Turns a data config into a complete cache, generating or building it once."""
+"""Turns a data config into a complete cache, generating or building it once.
+
+Data made by an older koajax is brought up to date in place rather than
+made again: a synthetic dataset without the further readers gets their
+columns (`synthetic.add_readers`), and a cache whose index lacks reader
+columns its manifest has gets them (`cache.set_reader_columns`); each file
+is replaced in one step, and each update is logged on one INFO line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from koajax.data import cache
+from koajax.data import manifest as manifest_lib
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +42,17 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
 
   Generation writes beside the dataset's folder and renames into place when
   done (`synthetic.generate`), so an interrupted run is simply generated
-  again, and its partial folder is removed then.
+  again, and its partial folder is removed then. A dataset made before the
+  generator simulated further readers gets their columns added.
   """
   from koajax.data import synthetic
   raw = synthetic_dir(cfg) / 'raw'
   if (raw / 'manifest.csv').is_file():
+    # Datasets older than synthetic.json were made with default options.
+    added = synthetic.add_readers(raw, seed=cfg.synthetic.seed)
+    if added:
+      log.info('Added the simulated readers %s to %s', ', '.join(added),
+               raw / 'manifest.csv')
     return raw
   log.info('Generating the synthetic dataset (%d subjects, seed %d) in %s',
            cfg.synthetic.num_subjects, cfg.synthetic.seed, raw)
@@ -69,12 +83,13 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
     raise ValueError(f'unknown data.source {cfg.source!r}; '
                      "use 'synthetic', 'manifest' or 'cache'")
   cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache
-  if not cache.is_complete(cache_dir):
-    # data.redact_paths (where a config has it): knees by id only in the
-    # build's logs and summary.
-    redact = bool(cfg.get('redact_paths', False))
-    log.info('Building the knee cache in %s',
-             'the cache folder' if redact else cache_dir)
+  # data.redact_paths (where a config has it): knees by id only in the
+  # build's logs and summary.
+  redact = bool(cfg.get('redact_paths', False))
+  shown = 'the cache folder' if redact else cache_dir
+  built_now = not cache.is_complete(cache_dir)
+  if built_now:
+    log.info('Building the knee cache in %s', shown)
     build.build_cache(manifest, cache_dir, landmarks=landmarks,
                       roi_mm=cfg.roi_mm, roi_px=cfg.roi_px,
                       workers=_workers(cfg), redact_paths=redact)
@@ -85,4 +100,25 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
         f'{cache_dir} was built with roi_mm={built[0]}, roi_px={built[1]}, '
         f'but the config asks for roi_mm={cfg.roi_mm}, roi_px={cfg.roi_px}; '
         f'set data.cache_dir to another folder or rebuild this one')
+  # The default cache belongs to its manifest; a cache named in the config
+  # may have been built from another one.
+  ours = not cfg.cache_dir or _built_from(cache_dir, manifest)
+  if not built_now and ours and cache.set_reader_columns(
+      cache_dir, manifest_lib.read_readers(manifest)):
+    log.info('Updated the reader columns of the cache index in %s', shown)
+    opened = cache.open_cache(cache_dir)
   return opened
+
+
+def _built_from(cache_dir: Path, manifest: Path) -> bool:
+  """Whether the cache's summary names `manifest` (it names none when paths
+  were redacted)."""
+  source = (cache.summary(cache_dir) or {}).get('manifest')
+  return bool(source) and _same_file(Path(source), manifest)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+  try:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+  except OSError:
+    return False

@@ -4,7 +4,11 @@ Writes bilateral posterior-anterior knee radiographs as 16-bit DICOM files
 with the files koajax reads from any dataset:
 
   manifest.csv   one row per knee (schema.MANIFEST_COLUMNS) with the grades a
-                 reader recorded; both knees of an image share its path
+                 reader recorded; both knees of an image share its path;
+                 then kl_reader_r1, kl_reader_r2, ... the KL grades of
+                 further simulated radiologists (`grading.read_kl`, error
+                 scales `CohortConfig.readers`), empty where the recorded
+                 grades are
   landmarks.csv  16 points per knee (schema.LANDMARK_COLUMNS), pixel
                  coordinates of the knee's DICOM
   truth.csv      the noise-free grades rendered into the pixels, plus the
@@ -16,7 +20,11 @@ Subjects have both knees and several visits at one site; disease never
 regresses and tends to progress (see `grading`). Sites differ in detector,
 spacing tags, rescale, tone curve, noise and photometric interpretation.
 Every image is seeded from (seed, image index), so a seed reproduces the
-files byte for byte whatever the number of workers.
+files byte for byte whatever the number of workers. The further readers draw
+from streams of their own and read the severities truth.csv stores, so
+adding, removing or changing readers leaves every other output as it was,
+and `add_readers` gives a dataset made before readers existed the columns a
+new one would have, byte for byte, without rendering anything again.
 
 Usage:
 
@@ -35,6 +43,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -56,6 +65,8 @@ from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
 
+log = logging.getLogger(__name__)
+
 PROGRAM = 'koajax.data.synthetic'
 DEFAULT_NUM_SUBJECTS = 560  # about 3,000 knees with the default visits
 MANIFEST = 'manifest.csv'
@@ -68,7 +79,9 @@ CR_STORAGE = '1.2.840.10008.5.1.4.1.1.1'
 DX_STORAGE = '1.2.840.10008.5.1.4.1.1.1.1'  # Digital X-Ray, for presentation
 
 # Distinct streams of randomness derived from the user's seed.
-_COHORT, _SUBJECT, _IMAGE = 101, 202, 303
+_COHORT, _SUBJECT, _IMAGE, _READERS = 101, 202, 303, 404
+# Decimals of the severity in truth.csv, which the further readers read.
+_SEVERITY_DECIMALS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +310,37 @@ def _config(options: dict[str, Any]) -> grading.CohortConfig:
   return config
 
 
+def reader_grades(severity: np.ndarray, graded: np.ndarray, seed: int,
+                  config: grading.CohortConfig) -> dict[str, pd.Series]:
+  """The further readers' KL grades of the knees, in knee order.
+
+  A pure function of the knees' severities as truth.csv stores them, the
+  seed and the options, so the grades can be added to an existing dataset.
+
+  Args:
+    severity: (n,) continuous true severity of every knee.
+    graded: (n,) bool, the knees with recorded grades; the others stay
+      ungraded by every reader, like the recorded grades.
+    seed: the dataset's seed.
+    config: the cohort options (`readers` holds the error scales).
+
+  Returns:
+    Manifest column (kl_reader_<name>) -> nullable Int64 grades, NA where
+    not graded.
+  """
+  c = np.round(np.asarray(severity, np.float64), _SEVERITY_DECIMALS)
+  out = {}
+  for i, (name, noise) in enumerate(zip(grading.reader_names(config),
+                                        config.readers)):
+    # Every knee draws its error whether graded or not: a knee's grade does
+    # not depend on which other knees are graded.
+    rng = np.random.default_rng(_seed_sequence(_READERS, seed, i))
+    kl = grading.read_kl(c, noise, rng, config)
+    out[schema.reader_column(name)] = pd.Series(pd.array(
+        np.where(graded, kl, None), dtype='Int64'))
+  return out
+
+
 def plan(num_subjects: int, seed: int = 0,
          **options: Any) -> tuple[pd.DataFrame, list[ImageTask]]:
   """Samples the cohort: the knee table and one task per image.
@@ -308,8 +352,8 @@ def plan(num_subjects: int, seed: int = 0,
 
   Returns:
     (knees, tasks): a DataFrame with one row per knee (ids, site, path,
-    recorded and true grades, severity, joint-space widths) and the image
-    tasks in image order.
+    recorded and true grades, the further readers' kl_reader_<name> grades,
+    severity, joint-space widths) and the image tasks in image order.
   """
   config = _config(options)
   rng = np.random.default_rng(_seed_sequence(_COHORT, seed))
@@ -333,6 +377,10 @@ def plan(num_subjects: int, seed: int = 0,
         np.where(cohort['recorded'][:, j] == schema.UNGRADED, None,
                  cohort['recorded'][:, j]), dtype='Int64')
     knees['true_' + name] = cohort['true'][:, j]
+  graded = cohort['recorded'][:, 0] != schema.UNGRADED
+  for column, grades in reader_grades(cohort['severity'], graded, seed,
+                                      config).items():
+    knees[column] = grades.to_numpy()
 
   tasks = []
   # Knees come sorted by subject, visit, side: rows 2i and 2i+1 are image i.
@@ -411,6 +459,10 @@ def _check_arguments(num_subjects: int, seed: int, workers: int | None,
   noise = options.get('reader_noise')
   if noise is not None and not noise >= 0:
     raise cli.BadInput(f'--reader_noise={noise}: give a value >= 0')
+  readers = options.get('readers')
+  if readers is not None and not all(r >= 0 for r in readers):
+    raise cli.BadInput(f'--readers={",".join(map(str, readers))}: give '
+                       'error scales >= 0')
   fraction = options.get('ungraded_fraction')
   if fraction is not None and not 0 <= fraction <= 1:
     raise cli.BadInput(f'--ungraded_fraction={fraction}: give a value in '
@@ -430,7 +482,8 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
     workers: worker processes (default: all CPUs); results do not depend on it.
     show_progress: show a progress bar on stderr.
     **options: fields of `grading.CohortConfig`, e.g. reader_noise=0.4,
-      ungraded_fraction=0.5, visits=(0, 12) with attendance=(1.0, 0.8).
+      ungraded_fraction=0.5, visits=(0, 12) with attendance=(1.0, 0.8),
+      readers=() for no further readers.
 
   Returns:
     A summary: knees, images, subjects, seconds, bytes.
@@ -476,7 +529,9 @@ def _write(out_dir: Path, knees: pd.DataFrame, tasks: list[ImageTask],
   for index, p in progress:
     points[index] = p
 
-  knees[list(schema.MANIFEST_COLUMNS)].to_csv(out_dir / MANIFEST, index=False)
+  columns = list(schema.MANIFEST_COLUMNS) + schema.reader_columns(
+      knees.columns)
+  knees[columns].to_csv(out_dir / MANIFEST, index=False)
   coords = pd.DataFrame(points.reshape(len(knees), -1).round(3),
                         columns=list(schema.LANDMARK_COLUMNS[3:]))
   pd.concat([knees[list(schema.ID_COLUMNS)], coords], axis=1).to_csv(
@@ -488,6 +543,75 @@ def _write(out_dir: Path, knees: pd.DataFrame, tasks: list[ImageTask],
   truth[['jsw_l_mm', 'jsw_m_mm']] = knees[['jsw_l_mm', 'jsw_m_mm']].round(3)
   truth.to_csv(out_dir / TRUTH, index=False)
   return sum((out_dir / t.path).stat().st_size for t in tasks)
+
+
+def add_readers(out_dir: str | os.PathLike, *,
+                seed: int | None = None) -> list[str]:
+  """Adds the further readers' columns that a dataset's manifest lacks.
+
+  For datasets made before the generator had further readers: their grades
+  come from truth.csv and the dataset's settings (`reader_grades`), so the
+  manifest becomes the one a new run would write, and nothing is rendered
+  again. The manifest is replaced in one step (`atomic.write_text`).
+
+  Args:
+    out_dir: a dataset of this generator.
+    seed: the seed it was made with, for a dataset older than synthetic.json
+      (its options are then the defaults); None leaves such a dataset alone.
+
+  Returns:
+    The manifest columns added; [] when there was nothing to add, or when
+    the folder is not known to be this generator's (it is never changed).
+  """
+  out_dir = Path(out_dir)
+  settings = _settings(out_dir, seed)
+  if settings is None or not (out_dir / TRUTH).is_file():
+    return []
+  config = _config(dict(settings.get('options') or {}))
+  manifest = pd.read_csv(out_dir / MANIFEST, dtype=str, keep_default_na=False)
+  wanted = [schema.reader_column(n) for n in grading.reader_names(config)]
+  missing = [c for c in wanted if c not in manifest.columns]
+  if not missing:
+    return []
+  truth = pd.read_csv(out_dir / TRUTH, dtype=str, keep_default_na=False)
+  if 'severity' not in truth.columns:
+    return []  # older than the severities: readers cannot be added
+  keys = list(schema.ID_COLUMNS)
+  if not manifest[keys].equals(truth[keys]):
+    # Not fatal: the readers are extra, the dataset may still train.
+    log.warning('%s: %s and %s list different knees, so the simulated '
+                'readers cannot be added; generate the dataset again to have '
+                'them', out_dir, MANIFEST, TRUTH)
+    return []
+  # pandas wrote each severity as the shortest text of its float, which
+  # parses back to exactly that float.
+  severity = truth['severity'].astype(np.float64).to_numpy()
+  grades = reader_grades(severity, (manifest['kl'] != '').to_numpy(),
+                         int(settings['seed']), config)
+  for column in missing:
+    manifest[column] = [str(v) if v is not pd.NA else ''
+                        for v in grades[column]]
+  atomic.write_text(out_dir / MANIFEST, manifest.to_csv(index=False))
+  return missing
+
+
+def _settings(out_dir: Path, seed: int | None) -> dict[str, Any] | None:
+  """The dataset's synthetic.json; for a folder without one, settings of
+  `seed` with default options; None if neither applies."""
+  path = out_dir / SETTINGS
+  if not path.exists():
+    return None if seed is None else {'generator': PROGRAM, 'seed': seed}
+  try:
+    settings = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, ValueError):
+    return None
+  if not isinstance(settings, dict) or settings.get('generator') != PROGRAM:
+    return None
+  return settings
+
+
+def _scales(text: str) -> tuple[float, ...]:
+  return tuple(float(v) for v in text.split(',') if v.strip())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -502,8 +626,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       help='reader error scale (default: kappa ~0.8)')
   parser.add_argument('--ungraded_fraction', type=float, default=None,
                       help='share of subjects without grades')
+  parser.add_argument('--readers', type=_scales, default=None,
+                      help='error scales of the further readers r1, r2, ..., '
+                      "comma-separated; '' for none (default: 0.3,0.4,0.5)")
   args = parser.parse_args(argv)
-  options = {k: getattr(args, k) for k in ('reader_noise', 'ungraded_fraction')
+  options = {k: getattr(args, k)
+             for k in ('reader_noise', 'ungraded_fraction', 'readers')
              if getattr(args, k) is not None}
   summary = generate(args.out, num_subjects=args.num_subjects, seed=args.seed,
                      workers=args.workers, **options)

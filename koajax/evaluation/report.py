@@ -74,6 +74,7 @@ from koajax.evaluation import heads_table
 from koajax.evaluation import metrics as metrics_lib
 from koajax.evaluation import plots
 from koajax.evaluation import predictions as predictions_lib
+from koajax.evaluation import readers as readers_lib
 
 PREDICTIONS_CSV = 'predictions.csv'
 METRICS_JSON = 'metrics.json'
@@ -291,7 +292,8 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
                  subject_ids: Sequence[str] | None = None,
                  pooled_binary: Mapping[str, Sequence[str]] | None = None,
                  n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict:
+                 level: float = 0.95,
+                 readers: Mapping[str, np.ndarray] | None = None) -> dict:
   """Writes predictions, metrics with bootstrap intervals and figures.
 
   Args:
@@ -313,6 +315,11 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
     n_resamples: bootstrap resamples for the intervals.
     seed: bootstrap seed.
     level: confidence level of the intervals.
+    readers: reader name -> (n,) the reader's grades as labels of the
+      primary head, -1 where the reader gave another grade or none. When
+      given, the model is compared with every reader on the knees both the
+      reference and the reader grade: readers.csv, readers.md and a
+      'readers' section in metrics.json (`koajax.evaluation.readers`).
 
   Returns:
     The content of metrics.json; see the module docstring for the layouts.
@@ -326,6 +333,9 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
   for head in heads:
     metrics_lib.metric_names(np.shape(probs[head])[-1], thresholds[head])
   pooled_binary = _check_pooled(pooled_binary or {}, heads, thresholds)
+  if readers:
+    readers_lib.check_readers(readers, len(knee_ids),
+                              np.shape(probs[heads[0]])[-1])
   frame = predictions_lib.predictions_frame(
       knee_ids=knee_ids, sides=sides, labels=labels, probs=probs,
       subject_ids=subject_ids)
@@ -390,6 +400,10 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
     report['mean'] = mean
   if pooled:
     report['pooled'] = pooled
+  if readers:
+    report['readers'] = readers_lib.write_reader_table(
+        out_dir, labels[heads[0]], probs[heads[0]], readers,
+        positive_from=thresholds[heads[0]])
   report = json_ready(report)
   if not single:
     # Written before metrics.json, which lists them: a report whose table

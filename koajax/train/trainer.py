@@ -41,6 +41,7 @@ from koajax.data import pipeline
 from koajax.data import sources
 from koajax.data import split_recipes
 from koajax.evaluation import heads as heads_lib
+from koajax.evaluation import readers as readers_lib
 from koajax.evaluation import report
 from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import predictor as predictor_lib
@@ -89,7 +90,9 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
                  task: tasks_lib.Task, cache, indices: np.ndarray,
                  probs: dict[str, np.ndarray]) -> dict[str, Any] | None:
   """metrics.json, predictions.csv and plots of `probs` on cache rows
-  `indices`; written by process 0, which returns the report."""
+  `indices`; written by process 0, which returns the report. With reader
+  columns in the cache index (kl_reader_<name>) and a primary head on KL,
+  the report compares the model with those readers too."""
   if jax.process_index() != 0:
     return None
   index = cache.index.iloc[indices]
@@ -99,7 +102,8 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
       probs=probs, positive_from=task.positive_from,
       mean_heads=task.mean_heads, pooled_binary=dict(task.pooled_binary),
       subject_ids=index['subject_id'].to_numpy(),
-      n_resamples=config.bootstrap_resamples, seed=config.seed)
+      n_resamples=config.bootstrap_resamples, seed=config.seed,
+      readers=readers_lib.index_readers(index, task.heads[0]))
 
 
 class Trainer:
