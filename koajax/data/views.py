@@ -14,11 +14,16 @@ The views here are plain NumPy/PIL so they run inside Grain worker processes:
 
 Coordinates follow the pixel-index convention of NumPy and scipy.ndimage: the
 centre of pixel (row r, col c) is the point (x=c, y=r). Keypoints are (x, y).
+
+`placements` gives the inverse: where each image of a view was cut from in
+the ROI, so that maps over a view (Grad-CAM, `koajax.evaluation.gradcam`)
+can be laid back onto the ROI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import functools
 from typing import Any
 
@@ -59,27 +64,35 @@ def central_crop_box(roi_px: int, roi_mm: float,
   return (lo, lo, lo + side, lo + side)
 
 
+def siamese_boxes(roi_px: int, roi_mm: float
+                  ) -> tuple[tuple[float, float, float, float], ...]:
+  """The ROI regions of the (lateral, medial) patches, as PIL boxes.
+
+  The regions that rows 100:228 and the patches' cols cover once the
+  central 110 mm of a `roi_px` ROI are resized to 300 px.
+  """
+  lo, _, hi, _ = central_crop_box(roi_px, roi_mm, SIAMESE_CROP_MM)
+  step = (hi - lo) / SIAMESE_RESIZE_PX  # ROI pixels per resized pixel
+  top, bottom = (lo + r * step for r in SIAMESE_ROWS)
+  return tuple((lo + cols[0] * step, top, lo + cols[1] * step, bottom)
+               for cols in (LATERAL_COLS, MEDIAL_COLS))
+
+
 def siamese_pair(roi: np.ndarray, roi_mm: float,
                  patch_px: int = SIAMESE_PATCH_PX) -> np.ndarray:
   """The (lateral, mirrored medial) patch pair, (2, patch_px, patch_px) uint8.
 
-  Each patch is resampled straight from its region of the ROI, the region
-  that rows 100:228 and its cols cover once the central 110 mm are resized to
-  300 px: the same pixels (to rounding) at a third of the cost of resizing
-  the whole crop. A `patch_px` other than 128 samples the same regions more
-  coarsely or finely.
+  Each patch is resampled straight from its region of the ROI
+  (`siamese_boxes`): the same pixels (to rounding) as resizing the central
+  110 mm to 300 px and cutting rows 100:228, at a third of the cost. A
+  `patch_px` other than 128 samples the same regions more coarsely or
+  finely.
   """
-  lo, _, hi, _ = central_crop_box(roi.shape[0], roi_mm, SIAMESE_CROP_MM)
-  step = (hi - lo) / SIAMESE_RESIZE_PX  # ROI pixels per resized pixel
-  top, bottom = (lo + r * step for r in SIAMESE_ROWS)
-
-  def patch(cols: tuple[int, int]) -> np.ndarray:
-    left, right = (lo + c * step for c in cols)
-    return _resize(roi, patch_px, (left, top, right, bottom))
-
+  lateral, medial = siamese_boxes(roi.shape[0], roi_mm)
   # Mirroring makes the medial compartment look like a lateral one, so one
   # shared branch sees both with the same orientation.
-  return np.stack([patch(LATERAL_COLS), patch(MEDIAL_COLS)[:, ::-1]])
+  return np.stack([_resize(roi, patch_px, lateral),
+                   _resize(roi, patch_px, medial)[:, ::-1]])
 
 
 def whole_knee(roi: np.ndarray, size: int = WHOLE_KNEE_PX) -> np.ndarray:
@@ -137,6 +150,66 @@ VIEWS: dict[str, View] = {
     'whole': _whole_view,
     'keypoints': _keypoints_view,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where one image of a view was resampled from in the ROI.
+
+  Attributes:
+    box: (left, upper, right, lower) in ROI pixel edges, as a PIL box: the
+      edges of the image (after any crop) lie there.
+    mirrored: the image was flipped left-right after resampling (the medial
+      patch of the Siamese pair).
+  """
+  box: tuple[float, float, float, float]
+  mirrored: bool = False
+
+
+def _cropped(box: tuple[float, float, float, float], px: int, crop: int,
+             mirrored: bool) -> tuple[float, float, float, float]:
+  """The part of `box` left by the centre crop of `crop` px of its px^2
+  image, as `koajax.train.predictor.centre_crop` cuts it."""
+  if not crop:
+    return box
+  if not 0 < crop <= px:
+    raise ValueError(f'cannot crop {crop} px from a {px} px view')
+  start = (px - crop) // 2
+  # The crop is taken from the image as the network sees it; in a mirrored
+  # image its columns start from the other edge.
+  col = px - start - crop if mirrored else start
+  left, upper, right, lower = box
+  sx, sy = (right - left) / px, (lower - upper) / px
+  return (left + col * sx, upper + start * sy, left + (col + crop) * sx,
+          upper + (start + crop) * sy)
+
+
+def placements(view: str, roi_px: int, roi_mm: float, *, size: int = 0,
+               crop: int = 0) -> tuple[Placement, ...]:
+  """Where the images of `view` came from in a roi_px^2 ROI of roi_mm.
+
+  Args:
+    view: one of VIEWS.
+    roi_px: the ROI's side in pixels.
+    roi_mm: the ROI's side in millimetres.
+    size: the view's pixel size (0: its own), as for `get_view`.
+    crop: the centre crop of `crop` px cut from every image before the
+      network (`predict.crop`); 0: none.
+
+  Returns:
+    One placement per image the network sees of a knee: (lateral, medial)
+    for 'siamese', the whole ROI for the others.
+  """
+  if view not in VIEWS:
+    raise ValueError(f'unknown view {view!r}; choose one of {sorted(VIEWS)}')
+  px = size or VIEW_PX[view]
+  if view == 'siamese':
+    found = [Placement(box, mirrored) for box, mirrored in
+             zip(siamese_boxes(roi_px, roi_mm), (False, True))]
+  else:
+    found = [Placement((0.0, 0.0, float(roi_px), float(roi_px)))]
+  return tuple(Placement(_cropped(p.box, px, crop, p.mirrored), p.mirrored)
+               for p in found)
 
 
 def get_view(name: str, size: int = 0) -> View:

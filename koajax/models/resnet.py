@@ -24,19 +24,23 @@ the output is koajax's model output with the stage maps as features:
                 'stages': [(B, h_i, w_i, C_i) for each of the 4 stages]}}
 
 With one 1000-class head and no dropout the parameter counts equal timm's
-(tests/test_resnet.py).
+(tests/test_resnet.py). Grad-CAM layers (`offsets=`,
+`koajax.models.siamese.Taps`): 'stage1'.. one per stage and 'maps' (= the
+last stage).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from koajax.models import dropout as dropout_lib
+# For `siamese.Taps`, the Grad-CAM hook every koajax model shares.
+from koajax.models import siamese
 
 Flavour = Literal['timm', 'legacy']
 # PyTorch's BatchNorm2d: eps 1e-5, momentum 0.1 (Flax keeps 1 - momentum).
@@ -224,8 +228,9 @@ class ResNet(nnx.Module):
     return nnx.max_pool(x, (3, 3), strides=(2, 2))
 
   def __call__(self, images: jax.Array, *, train: bool = False,
-               dropout: bool | None = None, rngs: nnx.Rngs | None = None
-               ) -> dict[str, dict]:
+               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
+               offsets: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    taps = siamese.Taps(offsets)
     x = images
     if x.ndim == 3:  # grey knees: one channel, repeated for RGB weights
       x = x[..., None]
@@ -235,15 +240,18 @@ class ResNet(nnx.Module):
                                  use_running_average=not train))
     x = self._max_pool(x)
     stage_maps = []
-    for stage in self.stages:
+    for i, stage in enumerate(self.stages):
       for block in stage:
         x = block(x, train=train)
+      x = taps(f'stage{i + 1}', x)
       stage_maps.append(x)
+    x = taps('maps', x)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     feats = self.dropout(pooled, deterministic=not (
         train if dropout is None else dropout), rngs=rngs)
     return {'logits': {name: head(feats) for name, head in self.heads.items()},
-            'features': {'maps': x, 'pooled': pooled, 'stages': stage_maps}}
+            'features': {'maps': x, 'pooled': pooled, 'stages': stage_maps,
+                         **taps.features()}}
 
 
 # The variants, by the names timm gives them.

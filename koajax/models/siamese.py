@@ -11,6 +11,11 @@ koajax model returns it:
                          both patches (Grad-CAM),
                 'pooled': (B, 2F) the concatenated branch vectors}}
 
+Every koajax model takes `offsets={layer: array}` (`Taps`), arrays added to
+named feature maps on the way through, for Grad-CAM
+(`koajax.evaluation.gradcam`). Layers here: 'block1'.. one per conv block of
+the branch, and 'maps'.
+
 Two backbones:
   * `SemixupNet`: the Semixup paper's network ("ours", Suppl. Table S2): VGG-like
     conv blocks with instance norm and LeakyReLU(0.2), dropout between groups,
@@ -27,7 +32,7 @@ is MC dropout: sampled masks, norms in inference mode.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +43,51 @@ from koajax.models import dropout as dropout_lib
 Pooling = Literal['gap', 'sam_vh', 'sam_hv']
 _NORMAL_002 = jax.nn.initializers.normal(0.02)
 KL_HEAD = {'kl': 5}
+
+
+class Taps:
+  """Offsets added to a model's named feature maps, and those maps.
+
+  The Grad-CAM hook of every koajax model (`koajax.evaluation.gradcam`): a
+  model called with `offsets={layer: zeros}` returns the same outputs, the
+  gradient of a logit w.r.t. `offsets[layer]` is its gradient w.r.t. that
+  layer's maps, and the maps (offset included) come back as
+  `features['taps'][layer]`. This keeps every model a plain function of its
+  inputs: no perturbation variables in its state, nothing to split off, the
+  same graph for training.
+
+  An offset has the shape of the layer's maps as returned (Siamese models:
+  (B, 2, h, w, C)) or is a scalar, which broadcasts (to find the shape).
+  """
+
+  def __init__(self, offsets: Mapping[str, Any] | None):
+    self.offsets = dict(offsets or {})
+    self.maps = {}
+    self.names = []
+
+  def __call__(self, name: str, x: jax.Array) -> jax.Array:
+    """`x` plus the offset of layer `name`, if any."""
+    self.names.append(name)
+    if name not in self.offsets:
+      return x
+    offset = jnp.asarray(self.offsets[name])
+    if offset.ndim:
+      offset = offset.reshape(x.shape)
+    # In the maps' dtype, so a bfloat16 network stays bfloat16.
+    x = x + offset.astype(x.dtype)
+    self.maps[name] = x
+    return x
+
+  def features(self, reshape=lambda x: x) -> dict[str, Any]:
+    """{'taps': {layer: maps}} if offsets were given, else {}; raises a
+    ValueError naming the model's layers for a layer it does not have."""
+    unknown = sorted(set(self.offsets) - set(self.names))
+    if unknown:
+      raise ValueError(f'no layer {", ".join(map(repr, unknown))} in this '
+                       f'model; its layers: {", ".join(self.names)}')
+    if not self.offsets:
+      return {}
+    return {'taps': {k: reshape(v) for k, v in self.maps.items()}}
 
 
 class ConvBlock(nnx.Module):
@@ -127,23 +177,27 @@ class SemixupNet(nnx.Module):
                         kernel_init=_NORMAL_002, rngs=rngs)
 
   def features(self, patches: jax.Array, *, train: bool, dropout: bool,
-               rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+               rngs: nnx.Rngs | None, taps: Taps | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """(N, H, W, 1) patches -> ((N, h, w, 8w) maps, (N, 8w) features)."""
+    taps = taps or Taps(None)
     x = patches.astype(self.dtype)
     for i, block in enumerate(self.blocks):
-      x = block(x, train=train)
+      x = taps(f'block{i + 1}', block(x, train=train))
       if i in self.group_ends:
         x = self.dropout(x, deterministic=not dropout, rngs=rngs)
+    x = taps('maps', x)
     if self.pool is None:
       return x, jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return x, self.pool(x, train=train).astype(jnp.float32)
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
-               dropout: bool | None = None,
-               rngs: nnx.Rngs | None = None) -> dict[str, dict[str, jax.Array]]:
+               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
+               offsets: Mapping[str, Any] | None = None
+               ) -> dict[str, dict[str, jax.Array]]:
     return _siamese_outputs(self, pairs, train=train,
                            dropout=train if dropout is None else dropout,
-                           rngs=rngs)
+                           rngs=rngs, offsets=offsets)
 
 
 class KneeNet(nnx.Module):
@@ -164,22 +218,26 @@ class KneeNet(nnx.Module):
     self.heads = _heads(heads, 8 * w, kernel_init=kaiming, rngs=rngs)
 
   def features(self, patches: jax.Array, *, train: bool, dropout: bool,
-               rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+               rngs: nnx.Rngs | None, taps: Taps | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     del dropout, rngs  # the branch has no dropout
+    taps = taps or Taps(None)
     x = patches
     for i, block in enumerate(self.blocks):
-      x = block(x, train=train)
+      x = taps(f'block{i + 1}', block(x, train=train))
       if i in self.pool_after:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = taps('maps', x)
     # Average pooling over the remaining (10 x 10 for 128 px) map.
     return x, jnp.mean(x, axis=(1, 2))
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
-               dropout: bool | None = None,
-               rngs: nnx.Rngs | None = None) -> dict[str, dict[str, jax.Array]]:
+               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
+               offsets: Mapping[str, Any] | None = None
+               ) -> dict[str, dict[str, jax.Array]]:
     return _siamese_outputs(self, pairs, train=train,
                            dropout=train if dropout is None else dropout,
-                           rngs=rngs)
+                           rngs=rngs, offsets=offsets)
 
 
 def _heads(heads: Mapping[str, int], features: int, **linear) -> nnx.Dict:
@@ -192,20 +250,24 @@ def _heads(heads: Mapping[str, int], features: int, **linear) -> nnx.Dict:
 
 
 def _siamese_outputs(model, pairs: jax.Array, *, train: bool, dropout: bool,
-                     rngs: nnx.Rngs | None) -> dict[str, dict[str, jax.Array]]:
+                     rngs: nnx.Rngs | None, offsets: Mapping[str, Any] | None
+                     ) -> dict[str, dict[str, jax.Array]]:
   """Runs the shared branch once over both patches of every knee."""
   if pairs.ndim != 4 or pairs.shape[1] != 2:
     raise ValueError(f'expected (batch, 2, H, W) patch pairs, got {pairs.shape}')
   b, _, h, w = pairs.shape
+  taps = Taps(offsets)
   # One pass over 2B patches is cheaper than two passes over B.
   maps, feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train,
-                               dropout=dropout, rngs=rngs)
+                               dropout=dropout, rngs=rngs, taps=taps)
   feats = feats.reshape(b, 2 * feats.shape[-1])  # [lateral | medial]
   pooled = feats
   feats = model.dropout(feats, deterministic=not dropout, rngs=rngs)
   return {'logits': {name: head(feats) for name, head in model.heads.items()},
           'features': {'maps': maps.reshape(b, 2, *maps.shape[1:]),
-                       'pooled': pooled}}
+                       'pooled': pooled,
+                       **taps.features(
+                           lambda x: x.reshape(b, 2, *x.shape[1:]))}}
 
 
 MODELS = {'semixup_net': SemixupNet, 'kneenet': KneeNet}

@@ -29,18 +29,22 @@ Output, as every koajax model:
    'features': {'maps': (B, 2, h, w, 256) block 4 of both patches (Grad-CAM),
                 'pooled': (B, 480) the summed multi-level vector,
                 'levels': [(B, 2, C_i) pooled per block and patch]}}
+
+Grad-CAM layers (`offsets=`, `koajax.models.siamese.Taps`): 'block1' ..
+'block4' and 'maps' (= block 4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from koajax.models import dropout as dropout_lib
+from koajax.models import siamese
 
 Pool = Literal['gap', 'gmp']
 # (layers, channels) per block; blocks 2-4 halve the resolution.
@@ -103,18 +107,22 @@ class SiameseGAP(nnx.Module):
         jnp.max(x, axis=(1, 2))
 
   def __call__(self, pairs: jax.Array, *, train: bool = False,
-               dropout: bool | None = None,
-               rngs: nnx.Rngs | None = None) -> dict[str, dict]:
+               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
+               offsets: Mapping[str, Any] | None = None) -> dict[str, dict]:
     if pairs.ndim != 4 or pairs.shape[1] != 2:
       raise ValueError(f'expected (batch, 2, H, W) patch pairs, got '
                        f'{pairs.shape}')
     b, _, h, w = pairs.shape
+    taps = siamese.Taps(offsets)
     # Both patches of every knee in one pass of the shared branch.
     x = pairs.reshape(2 * b, h, w, 1).astype(self.dtype)
     pooled = []
-    for block in self.blocks:
+    for i, block in enumerate(self.blocks):
       for layer in block:
         x = layer(x, train=train)
+      x = taps(f'block{i + 1}', x)
+      if i == len(self.blocks) - 1:
+        x = taps('maps', x)  # before its pooling, which the logits read
       pooled.append(self._pool(x))
     chosen = jnp.concatenate([pooled[i - 1] for i in self.levels], axis=-1)
     summed = chosen.reshape(b, 2, -1).sum(axis=1)  # lateral + medial
@@ -123,7 +131,9 @@ class SiameseGAP(nnx.Module):
     return {'logits': {name: head(feats) for name, head in self.heads.items()},
             'features': {'maps': x.reshape(b, 2, *x.shape[1:]),
                          'pooled': summed,
-                         'levels': [p.reshape(b, 2, -1) for p in pooled]}}
+                         'levels': [p.reshape(b, 2, -1) for p in pooled],
+                         **taps.features(
+                             lambda m: m.reshape(b, 2, *m.shape[1:]))}}
 
 
 MODELS = {'siamese_gap': SiameseGAP}
