@@ -15,11 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
                        '--torch=false'], '| supervised | 4 |'),
     ('oarsi_step.py', ['--networks=resnet18', '--batch_size=4', '--size=32'],
      '| resnet18 | 4 | 32 | float32 |'),
+    ('confidence_step.py', ['--losses=hybrid', '--batch_size=4', '--size=32'],
+     '| hybrid | 4 | 32 | float32 |'),
 ])
 def test_benchmark_runs_and_writes_its_results(script, args, row_start,
                                                tmp_path):
   if script == 'oarsi_step.py':
     pytest.importorskip('timm')
+  if script == 'confidence_step.py':
+    pytest.importorskip('torch')
   out = tmp_path / 'results.json'
   result = subprocess.run(
       [sys.executable, str(REPO / 'benchmarks' / script), *args,
@@ -33,3 +37,9 @@ def test_benchmark_runs_and_writes_its_results(script, args, row_start,
              for line in result.stdout.splitlines()), result.stdout
   if script == 'oarsi_step.py':  # timm + PyTorch timed beside koajax
     assert row['torch_step_s'] and row['timm_version']
+  if script == 'confidence_step.py':  # both sides time the same work
+    assert row['torch_step_s'] and row['torch_includes']
+    assert row['koajax_params'] == row['torch_params'] == 2_686_690
+    assert row['hybrid_loss_max_abs_diff'] <= 1e-5
+    assert row['hybrid_loss_grad_max_abs_diff'] <= 1e-5
+    assert row['hybrid_groups_equal']
