@@ -9,6 +9,7 @@ import pytest
 from matplotlib import image as mpl_image
 from sklearn import metrics as sk_metrics
 
+from koajax.evaluation import plots
 from koajax.evaluation import predictions
 from koajax.evaluation import report
 
@@ -254,3 +255,13 @@ def test_pooled_task_of_one_head_equals_its_binary_task(tmp_path):
     assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   # No heads table for a single head.
   assert not (tmp_path / report.HEADS_TABLE_MD).exists()
+
+
+def test_sorted_confidence_is_each_class_true_probability_descending():
+  labels = np.array([0, 1, 1, -1, 0, 1])
+  probs = np.array([[.9, .1], [.3, .7], [.6, .4], [.5, .5], [.2, .8],
+                    [.05, .95]])
+  curves = plots.sorted_confidence(labels, probs)
+  np.testing.assert_allclose(curves[0], [.9, .2])
+  np.testing.assert_allclose(curves[1], [.95, .7, .4])
+  assert set(plots.sorted_confidence(np.array([1, 1]), probs[:2])) == {1}

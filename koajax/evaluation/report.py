@@ -14,6 +14,8 @@ predictions.csv but is left out of that head's metrics and counts.
   confusion_matrix.png  counts and row-normalised rates
   roc.png, pr.png       ROC and precision-recall curves of grade >= t, with
                         positive_from t (2 for KL: radiographic OA)
+  confidence_curves.png 2-class heads: each class's p(true class), sorted
+                        (the confidence-driven paper's figure)
 
 and for several heads:
 
@@ -24,7 +26,8 @@ and for several heads:
                         metrics averaged over those heads, their intervals from
                         resampling knees jointly for all heads; under 'files'
                         predictions.csv and the heads table
-  confusion_matrix_<head>.png, roc_<head>.png, pr_<head>.png
+  confusion_matrix_<head>.png, roc_<head>.png, pr_<head>.png,
+  confidence_curves_<head>.png (2-class heads)
   heads_table.md, heads_table.png
                         one row per head: knees, kappa, balanced accuracy,
                         weighted F1, MSE, ROC AUC and AP with their intervals
@@ -81,6 +84,7 @@ METRICS_JSON = 'metrics.json'
 CONFUSION_PNG = 'confusion_matrix.png'
 ROC_PNG = 'roc.png'
 PR_PNG = 'pr.png'
+CONFIDENCE_PNG = 'confidence_curves.png'
 HEADS_TABLE_MD = heads_table.HEADS_TABLE_MD
 HEADS_TABLE_PNG = heads_table.HEADS_TABLE_PNG
 # A pooled task's name becomes part of file names, as head names do.
@@ -172,6 +176,10 @@ def _write_plots(out_dir: Path, head: str, suffix_head: str | None,
     files['pr'] = plots.pr_png(
         positive, score, out_dir / _plot_name(PR_PNG, suffix_head),
         title=f'Precision-recall, {task}')
+  if probs.shape[1] == 2:
+    files['confidence_curves'] = plots.confidence_curves_png(
+        y, probs, out_dir / _plot_name(CONFIDENCE_PNG, suffix_head),
+        title=f'Sorted confidence, {head.upper()}')
   return {name: path.name for name, path in files.items()}
 
 
