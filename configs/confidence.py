@@ -57,6 +57,9 @@ def get_config(arg=None):
   # Accuracy is the paper's measure; ties are broken by the validation loss.
   config.selection = ('accuracy', 'loss')
   config.log_every_steps = 20
+  # The test report's Grad-CAM overlays: this many most and least
+  # confident knees (koajax.evaluation.gradcam; 0: none).
+  config.gradcam_knees = 4
   if preset == 'quick':
     # Against the paper: 64 px patches (2.2 mm/px of the 140 mm ROI: the
     # step costs a quarter of a 128 px one) and 6 epochs with a warm-up
@@ -73,5 +76,6 @@ def get_config(arg=None):
     config.eval_batch_size = 16
     config.log_every_steps = 1
     config.bootstrap_resamples = 20
+    config.gradcam_knees = 2
     config.progress_bar = False
   return config

@@ -224,6 +224,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           predictor.check_settings(task, **dict(config.predict))
       except ValueError as e:
         raise cli.BadInput(cli.message(e)) from e
+    count = config.get('gradcam_knees', 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+      raise cli.BadInput(
+          f'config field gradcam_knees={count!r}: give how many most and '
+          'least confident test knees get Grad-CAM overlays, 0 for none')
     if config.get('oversample', '') not in ('', 'bootstrap'):
       raise cli.BadInput(
           f"config field oversample={config.oversample!r}: give 'bootstrap' "

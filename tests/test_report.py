@@ -236,6 +236,18 @@ def test_positive_from_defaults_to_none(tmp_path):
   assert list(shown) == ['balanced_accuracy', 'kappa', 'mse']
 
 
+def test_a_binary_head_headlines_accuracy_f1_sensitivity_specificity(
+    tmp_path):
+  run = _run(n=60, seed=3)
+  run['labels'] = {'kl': (run['labels']['kl'] >= 2).astype(int)}
+  run['probs'] = {'kl': np.stack([run['probs']['kl'][:, :2].sum(1),
+                                  run['probs']['kl'][:, 2:].sum(1)], 1)}
+  result = report.write_report(tmp_path, n_resamples=10,
+                               positive_from={'kl': 1}, **run)
+  shown = json.loads(report.headline(result))
+  assert list(shown) == ['accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc']
+
+
 def test_pooled_task_of_one_head_equals_its_binary_task(tmp_path):
   run = _run(n=120, seed=5)
   result = report.write_report(tmp_path, n_resamples=50, seed=3,

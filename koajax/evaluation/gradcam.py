@@ -75,6 +75,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from flax import nnx
 
 from koajax.data import views as views_lib
@@ -394,3 +395,74 @@ def overlay_png(roi_image: np.ndarray, heatmap: np.ndarray, path: str | Path,
   # The format is passed because the temporary name's suffix is not png.
   return plots.write_atomically(
       path, lambda partial: fig.savefig(partial, format='png', dpi=dpi))
+
+
+GRADCAM_DIR = 'gradcam'
+GRADCAM_CSV = 'gradcam.csv'
+
+
+def write_extremes(out_dir: str | Path, member: predictor_lib.Member,
+                   cache: Any, indices: np.ndarray, *, labels: np.ndarray,
+                   probs: np.ndarray, head: str, view: str, count: int,
+                   view_size: int = 0, crop: int = 0,
+                   class_names: Sequence[str] | None = None) -> Path | None:
+  """Overlays of the `count` most and `count` least confident knees.
+
+  Confidence is p(true class), as the confidence-driven paper ranks knees;
+  each overlay explains the knee's predicted class. Writes
+  `out_dir`/gradcam/{most,least}_confident_<rank>_<knee_id>.png and
+  gradcam.csv (one row per overlay); returns the folder, or None when no
+  knee is graded.
+
+  Args:
+    out_dir: the report folder.
+    member: the weights the report's probabilities came from.
+    cache: the open cache of `indices`.
+    indices: (n,) cache rows of the report's knees.
+    labels: (n,) the head's labels (-1 ungraded: left out).
+    probs: (n, C) the head's probabilities.
+    head, view, view_size, crop: as for `explain`.
+    count: knees at each end.
+    class_names: names in titles (default: the class indices).
+  """
+  from koajax.data import pipeline  # pylint: disable=g-import-not-at-top
+  labels, probs = np.asarray(labels), np.asarray(probs)
+  graded = np.flatnonzero(labels >= 0)
+  if not len(graded) or count < 1:
+    return None
+  confidence = probs[graded, labels[graded]]
+  order = graded[np.argsort(-confidence, kind='stable')]
+  count = min(count, len(order))
+  chosen = [('most', order[:count]), ('least', order[::-1][:count])]
+  rows = np.concatenate([picked for _, picked in chosen])
+  (batch,) = pipeline.eval_batches(
+      cache, np.asarray(indices)[rows], view=view, view_size=view_size,
+      batch_size=len(rows), sharding=pipeline.Sharding(0, 1))
+  out = explain(member, batch['image'], head=head, view=view,
+                roi_px=int(cache.meta['roi_px']),
+                roi_mm=float(cache.meta['roi_mm']), view_size=view_size,
+                crop=crop)
+  heat = np.asarray(jax.device_get(out['roi']))
+  names = list(class_names or [str(k) for k in range(probs.shape[1])])
+  folder = Path(out_dir) / GRADCAM_DIR
+  records, position = [], 0
+  for kind, picked in chosen:
+    for rank, row in enumerate(picked, 1):
+      record = cache.index.iloc[int(np.asarray(indices)[row])]
+      knee = record['knee_id']
+      predicted = int(np.argmax(probs[row]))
+      name = f'{kind}_confident_{rank}_{knee}.png'
+      overlay_png(cache[int(np.asarray(indices)[row])]['image'],
+                  heat[position], folder / name,
+                  title=(f'{knee}: true {names[labels[row]]}, predicted '
+                         f'{names[predicted]}, p(true) = '
+                         f'{probs[row, labels[row]]:.3f}'))
+      records.append({'file': name, 'knee_id': knee, 'kind': kind,
+                      'rank': rank, 'true': int(labels[row]),
+                      'predicted': predicted,
+                      'p_true': float(probs[row, labels[row]])})
+      position += 1
+  frame = pd.DataFrame(records)
+  plots.write_atomically(folder / GRADCAM_CSV,
+                         lambda path: frame.to_csv(path, index=False))
+  return folder

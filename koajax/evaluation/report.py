@@ -92,6 +92,9 @@ _POOLED_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
 
 # Metrics `headline` prints.
 _HEADLINE = ('balanced_accuracy', 'kappa', 'mse', 'roc_auc')
+# A 2-class head: accuracy, F1 of the positive class, sensitivity
+# (recall_1), specificity (recall_0) and ROC AUC, as binary papers report.
+_BINARY_HEADLINE = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc')
 
 
 def _estimates(entries: Mapping[str, Mapping]) -> dict[str, float]:
@@ -129,7 +132,8 @@ def headline(result: Mapping) -> str:
               f'{heads_lib.MEAN}/kappa',
               f'{heads_lib.MEAN}/balanced_accuracy')
   else:
-    wanted = _HEADLINE
+    wanted = (_BINARY_HEADLINE if len(result.get('class_counts', ())) == 2
+              else _HEADLINE)
   scores = report_scores(result)
   return json.dumps({name: None if math.isnan(scores[name])
                      else round(scores[name], 4)

@@ -376,8 +376,23 @@ class Trainer:
     state = (self.load_checkpoint(name) if name in self.ckpts.names()
              else self.state)
     indices = self.split_indices('test')
-    return write_report(self.workdir, self.config, self.task, self.cache,
-                        indices, self.predict(state, indices))
+    probs = self.predict(state, indices)
+    result = write_report(self.workdir, self.config, self.task, self.cache,
+                          indices, probs)
+    count = self.config.get('gradcam_knees', 0)
+    if count and result is not None:
+      # Imported here: Grad-CAM reads the predictor, which imports this
+      # package.
+      from koajax.evaluation import gradcam  # pylint: disable=g-import-not-at-top
+      head = self.task.heads[0].name
+      gradcam.write_extremes(
+          self.workdir, predictor_lib.state_member(self.graphdef, state),
+          self.cache, indices,
+          labels=self.task.index_labels(self.cache.index.iloc[indices])[head],
+          probs=probs[head], head=head, view=self.task.view,
+          view_size=self.task.view_size, count=count,
+          crop=self.config.get('predict', {}).get('crop', 0))
+    return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
