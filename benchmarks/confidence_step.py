@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -57,7 +56,7 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from machine import summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
+from machine import koajax_torch_cells, step_rates, summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
 from koajax_step import CompiledStep  # noqa: E402
 
 _LOSSES = flags.DEFINE_list('losses', ['hybrid', 'ce'],
@@ -430,15 +429,9 @@ def main(argv):
         '| koajax / PyTorch |')
   print('|---|---|---|---|---|---|---|')
   for r in results:
-    rate = {k[:-len('_step_s')]: r['batch_size'] / statistics.median(v)
-            for k, v in r.items() if k.endswith('_step_s')}
+    rate = step_rates(r)
     cells = [r['loss'], r['batch_size'], r['size'], r['dtype'],
-             f"{rate['koajax']:.2f}"]
-    if 'torch' in rate:
-      cells += [f"{rate['torch']:.2f}",
-                f"{rate['koajax'] / rate['torch']:.2f}x"]
-    else:
-      cells += ['', '']
+             *koajax_torch_cells(rate)]
     print('| ' + ' | '.join(map(str, cells)) + ' |')
   write_json(_OUT.value, results)
 

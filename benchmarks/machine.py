@@ -55,3 +55,21 @@ def write_json(path: str | None, results: list) -> None:
     json.dump({'cpu': cpu_name(), 'cores': os.cpu_count(),
                'jax': jax.__version__, 'backend': jax.default_backend(),
                'results': results}, f, indent=1)
+
+
+def step_rates(row: dict) -> dict[str, float]:
+  """Images/s of each side of a result row: batch_size / the median of its
+  `<side>_step_s` timings."""
+  import statistics
+  return {k[:-len('_step_s')]: row['batch_size'] / statistics.median(v)
+          for k, v in row.items() if k.endswith('_step_s')}
+
+
+def koajax_torch_cells(rate: dict[str, float]) -> list[str]:
+  """Table cells: koajax img/s, PyTorch img/s and their ratio (empty
+  without a PyTorch timing)."""
+  cells = [f"{rate['koajax']:.2f}"]
+  if 'torch' in rate:
+    return cells + [f"{rate['torch']:.2f}",
+                    f"{rate['koajax'] / rate['torch']:.2f}x"]
+  return cells + ['', '']

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -35,7 +34,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from machine import summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
+from machine import koajax_torch_cells, step_rates, summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
 from koajax_step import CompiledStep  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,14 +181,9 @@ def main(argv):
         '| koajax / PyTorch | torch.compile img/s |')
   print('|---|---|---|---|---|---|---|---|')
   for r in results:
-    rate = {k[:-len('_step_s')]: r['batch_size'] / statistics.median(v)
-            for k, v in r.items() if k.endswith('_step_s')}
+    rate = step_rates(r)
     cells = [r['network'], r['batch_size'], r['size'], r['dtype'],
-             f"{rate['koajax']:.2f}"]
-    if 'torch' in rate:
-      cells += [f"{rate['torch']:.2f}", f"{rate['koajax'] / rate['torch']:.2f}x"]
-    else:
-      cells += ['', '']
+             *koajax_torch_cells(rate)]
     cells.append(f"{rate['torch_compile']:.2f}" if 'torch_compile' in rate
                  else '')
     print('| ' + ' | '.join(map(str, cells)) + ' |')

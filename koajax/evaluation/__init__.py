@@ -8,7 +8,12 @@
   bootstrap     stratified bootstrap percentile intervals (and knee-clustered
                 ones for binary findings pooled over heads)
   significance  chunked Wilcoxon signed-rank test (Semixup), McNemar test
-  plots         confusion matrix, ROC and precision-recall PNGs
+  plots         confusion matrix, ROC, precision-recall and sorted
+                confidence PNGs
+  readers       the model against human readers: accuracy, sensitivity,
+                specificity, kappa, exact McNemar test
+  gradcam       Grad-CAM / HiResCAM of any model, head and layer, laid back
+                onto the knee ROI, and overlay PNGs
   predictions   predictions.csv: writing, reading, recomputing metrics
   report        predictions.csv + metrics.json + figures of one run
   heads_table   the per-head table of a multi-head report (markdown + PNG)
