@@ -43,3 +43,19 @@ def test_benchmark_runs_and_writes_its_results(script, args, row_start,
     assert row['hybrid_loss_max_abs_diff'] <= 1e-5
     assert row['hybrid_loss_grad_max_abs_diff'] <= 1e-5
     assert row['hybrid_groups_equal']
+
+
+def test_gmm_density_benchmark_runs_and_checks_parity(tmp_path):
+  out = tmp_path / 'results.json'
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'benchmarks' / 'gmm_density.py'),
+       '--knees=64', '--fit_knees=60', '--components=2', '--steps=1',
+       '--rounds=1', f'--out={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  (row,) = json.loads(out.read_text())['results']
+  assert row['koajax_s'] and row['sklearn_s']
+  assert all(t > 0 for t in row['koajax_s'] + row['sklearn_s'])
+  assert row['max_rel_diff'] <= 1e-4
+  assert any(line.startswith('| 64 | 29 | 2 |')
+             for line in result.stdout.splitlines()), result.stdout
