@@ -126,7 +126,9 @@ def _manifest_cases(text: str) -> dict[str, tuple[bytes, str]]:
            ).encode('latin-1')
   offset = latin.index('è'.encode('latin-1'))
   ragged = header + '\n' + first + ',extra,cells\n'
-  missing = header.replace(',site', '').replace(',kl', '') + '\n'
+  columns = len(header.split(','))
+  missing = ','.join(c for c in header.split(',')
+                     if c not in ('site', 'kl')) + '\n'
   return {
       'empty': (b'', '{path} is empty; a manifest file has a header line of '
                 'column names and one row per line'),
@@ -142,9 +144,9 @@ def _manifest_cases(text: str) -> dict[str, tuple[bytes, str]]:
                'delimiter; koajax reads comma-separated files'),
       'header only': ((header + '\n').encode(), '{path} has a header but no '
                       'rows; a manifest file lists one knee per row'),
-      'extra cells': (ragged.encode(), '{path} line 2 has 14 fields, the '
-                      'header 12: every row needs as many comma-separated '
-                      'fields as the header'),
+      'extra cells': (ragged.encode(), f'{{path}} line 2 has {columns + 2} '
+                      f'fields, the header {columns}: every row needs as '
+                      'many comma-separated fields as the header'),
       'missing columns': (missing.encode(), '{path}: missing column(s) '
                           'site, kl; a manifest file has columns subject_id'),
   }
