@@ -137,3 +137,32 @@ def test_the_method_recomputes_class_confidence_from_validation():
   # Class 0: mean p(0) of its three knees by hand; class 1 keeps its value.
   np.testing.assert_allclose(new['class_confidence'],
                              [(0.9 + 0.6 + 0.5) / 3, 0.925], rtol=1e-6)
+
+
+@pytest.mark.parametrize('loss_kind', ['ce', 'hybrid'])
+def test_the_method_takes_its_loss_of_the_logits(loss_kind):
+  """Plain cross-entropy (the baseline) or the hybrid loss, both of the
+  model's logits on the graded knees, against NumPy."""
+  import ml_collections
+  from koajax import methods, tasks
+  method = methods.from_config(ml_collections.ConfigDict(
+      {'method': 'confidence', 'method_kwargs': {'loss_kind': loss_kind}}),
+                               tasks.get('kl0_vs_kl2'))
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(12, 2)).astype(np.float32)
+  labels = rng.integers(0, 2, 12)
+  labels[3] = -1  # ungraded: in no term
+  batch = {'labeled': {'image': np.zeros((12, 2, 16, 16), np.uint8),
+                       'labels': {'kl0_vs_kl2': jnp.asarray(labels)}}}
+  forward = lambda x, key: {'logits': {'kl0_vs_kl2': jnp.asarray(logits)}}
+  state = {'class_confidence': np.array([0.7, 0.8], np.float32)}
+  out = method.loss(forward, batch, jax.random.key(0), epoch=0.0, state=state)
+  loss = out[0] if isinstance(out, tuple) else out
+  valid = labels >= 0
+  if loss_kind == 'ce':
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    want = -log_p[valid, labels[valid]].mean()
+  else:
+    want, _ = _np_loss(logits, np.maximum(labels, 0),
+                       state['class_confidence'], valid=valid)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
