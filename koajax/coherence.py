@@ -50,6 +50,9 @@ DEFAULT_COMPONENTS = 10
 DEFAULT_NOISE = 0.2
 DEFAULT_TAU = 0.5
 DEFAULT_REG_COVAR = 1e-6
+# A component's smallest covariance eigenvalue below this fraction of the
+# noise's variance counts as (nearly) singular (`fit_gmm` warns).
+THIN_VARIANCE = 0.01
 
 # The parameter arrays `fit_gmm` returns and `log_density` reads.
 PARAM_KEYS = ('weights', 'means', 'precisions_cholesky')
@@ -84,7 +87,8 @@ def fit_gmm(grades: np.ndarray, num_classes: Sequence[int], *,
     seed: seeds the noise and scikit-learn's k-means initialisation; the
       same grades and seed give the same mixture.
     reg_covar: added to the diagonal of every covariance (scikit-learn's
-      `reg_covar`).
+      `reg_covar`). A component left nearly singular (fewer knees than its
+      D dimensions need) is a logged warning that names this field.
 
   Returns:
     {'weights': (K,), 'means': (K, D), 'precisions_cholesky': (K, D, D)},
@@ -145,6 +149,20 @@ def fit_gmm(grades: np.ndarray, num_classes: Sequence[int], *,
   if not gmm.converged_:
     log.warning('The coherence mixture did not converge in %d EM iterations; '
                 'it is used as it stands', gmm.n_iter_)
+  # A component fitted on fewer knees than the D dimensions need spans too
+  # few directions: only reg_covar keeps it invertible, and its density off
+  # its own knees falls by orders of magnitude (g of -1e5, a loss to match).
+  floor = THIN_VARIANCE * noise ** 2
+  thin = [k for k, cov in enumerate(gmm.covariances_)
+          if np.linalg.eigvalsh(cov)[0] < floor]
+  if thin and reg_covar < floor:
+    log.warning(
+        'Coherence mixture components %s have (nearly) singular covariances '
+        '(%s of %d knees for %d dimensions): their log-density is extreme '
+        'away from their knees. Raise reg_covar (now %g; e.g. %g) or use '
+        'fewer coherence components', thin,
+        ', '.join(f'{gmm.weights_[k] * n_graded:.0f}' for k in thin),
+        n_graded, x.shape[1], reg_covar, noise ** 2 / 4)
   log.info('Coherence mixture: %d components fitted on %d fully graded knees '
            '(%d knees with an ungraded head left out), mean log-likelihood '
            '%.3f', components, n_graded, n_left_out, gmm.lower_bound_)

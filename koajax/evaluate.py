@@ -90,6 +90,7 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
   from koajax import tasks
   from koajax import train
   from koajax.data import cache as cache_lib
+  from koajax.data import pipeline
   from koajax.data import sources
   from koajax.evaluation import report
   from koajax.train import predictor as predictor_lib
@@ -97,7 +98,11 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
   task = tasks.from_config(config)
   if cache_dir is not None:  # checked before any run is loaded
     cache = cache_lib.open_cache(cache_dir)
-    indices = np.flatnonzero(task.qualifies(cache.index))
+    qualifies = task.qualifies(cache.index)
+    # As in training: knees the view cannot be cut from are not evaluated.
+    usable = pipeline.usable_knees(cache, task.view)
+    indices = np.flatnonzero(qualifies if usable is None
+                             else qualifies & usable)
     if not len(indices):
       raise ValueError(f'{cache_dir} has no knees graded for the task '
                        f'{task.name!r} to evaluate')

@@ -194,6 +194,28 @@ def multi_head_cross_entropy(*, logits: Mapping[str, Array],
   return loss, {f'cross_entropy/{h}': v for h, v in per_head.items()}
 
 
+def class_weighted_cross_entropy(*, logits: Array, labels: Array,
+                                 class_weights: Array) -> tuple[Array, Aux]:
+  """CE weighted by the true class, over the graded knees (label >= 0).
+
+  sum_i w[y_i] (-log p_i(y_i)) / sum_i w[y_i], PyTorch's
+  `CrossEntropyLoss(weight=w, ignore_index=-1)`: a batch's loss is a
+  weighted mean, so the scale of `class_weights` does not matter, only
+  their ratios. 0 when no knee of the batch is graded.
+
+  Args:
+    logits: (B, C).
+    labels: (B,) int, -1 for an ungraded knee.
+    class_weights: (C,) weight of each class.
+  """
+  graded = labels >= 0
+  y = jnp.maximum(labels, 0)
+  w = jnp.where(graded, jnp.asarray(class_weights, jnp.float32)[y], 0.0)
+  nll = jnp.where(graded, _nll(logits, y), 0.0)
+  loss = jnp.sum(w * nll) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
+  return loss, {'cross_entropy': loss}
+
+
 def soft_cross_entropy(*, logits: Array, targets: Array,
                        mask: Array | None = None) -> tuple[Array, Aux]:
   """Mean CE against target distributions (B, C), e.g. mixed one-hots."""

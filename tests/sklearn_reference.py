@@ -3,6 +3,7 @@ independent reference the metric and report tests compare koajax against."""
 
 import numpy as np
 from sklearn import metrics as sk_metrics
+from sklearn import mixture
 
 
 def sklearn_head(y, probs, positive_from=None):
@@ -32,3 +33,15 @@ def sklearn_head(y, probs, positive_from=None):
     out['average_precision'] = sk_metrics.average_precision_score(positive,
                                                                   score)
   return out
+
+
+def gaussian_mixture(params):
+  """A scikit-learn GaussianMixture holding the parameters of
+  `koajax.coherence.fit_gmm` (in float64), to score with `score_samples`."""
+  gm = mixture.GaussianMixture(len(params['weights']), covariance_type='full')
+  gm.weights_ = np.asarray(params['weights'], np.float64)
+  gm.means_ = np.asarray(params['means'], np.float64)
+  gm.precisions_cholesky_ = np.asarray(params['precisions_cholesky'],
+                                       np.float64)
+  gm.n_features_in_ = gm.means_.shape[1]
+  return gm

@@ -241,6 +241,22 @@ def test_singular_covariance_says_to_raise_reg_covar():
   assert 'fewer coherence components' in text and '\n' not in text
 
 
+def test_components_of_too_few_knees_are_named_with_what_to_change(caplog):
+  # 40 knees for 3 components in 29 dimensions: each spans too few
+  # directions, and only reg_covar keeps it invertible.
+  grades = coherent_grades(40, seed=6)
+  with caplog.at_level(logging.WARNING, logger='koajax.coherence'):
+    coherence.fit_gmm(grades, NUM_CLASSES, components=3)
+  assert 'nearly) singular covariances' in caplog.text
+  assert 'Raise reg_covar (now 1e-06; e.g. 0.01)' in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='koajax.coherence'):
+    coherence.fit_gmm(grades, NUM_CLASSES, components=3, reg_covar=1e-2)
+    coherence.fit_gmm(coherent_grades(600, seed=6), NUM_CLASSES,
+                      components=1)
+  assert 'singular' not in caplog.text
+
+
 @pytest.mark.parametrize('grades,match', [
     (np.zeros((20, 6), int), r'\(knees, 7\)'),
     (np.full((20, 7), 4), 'head 1 must be -1 \\(ungraded\\) or 0..3'),

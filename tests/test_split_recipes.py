@@ -307,6 +307,45 @@ def test_ratio_splits_qualifying_subjects_by_ratio(index, ratios):
     assert abs(len(_subjects(index, rows)) / n - r / sum(ratios)) < 0.06
 
 
+def test_ratio_withholds_grades_of_a_share_and_of_the_training_subjects(
+    index):
+  q = index['kl'].to_numpy() >= 0
+  plain = split_recipes.make_splits(index, _cfg('ratio', ''), qualifies=q)
+  # The fields at their defaults are the recipe without them.
+  same = split_recipes.make_splits(
+      index, _cfg('ratio', '', unlabeled_ratio=0, label_fraction=1.0),
+      qualifies=q)
+  for name in PARTS:
+    np.testing.assert_array_equal(getattr(same, name), getattr(plain, name))
+  s = split_recipes.make_splits(
+      index, _cfg('ratio', '', unlabeled_ratio=4, label_fraction=0.5),
+      qualifies=q)
+  _check_invariants(index, s, q)
+  n = len(_subjects(index, np.flatnonzero(q)))
+  # 2:1:1:4 of the subjects, half of the training ones keep their grades.
+  for rows, share in ((s.val, 1 / 8), (s.test, 1 / 8), (s.labeled, 1 / 8)):
+    assert abs(len(_subjects(index, rows)) / n - share) < 0.06
+  withheld = np.setdiff1d(np.flatnonzero(q),
+                          np.concatenate([s.labeled, s.val, s.test]))
+  np.testing.assert_array_equal(np.intersect1d(s.unlabeled, withheld),
+                                withheld)
+  assert abs(len(_subjects(index, withheld)) / n - 5 / 8) < 0.06
+
+
+@pytest.mark.parametrize('overrides,pattern', [
+    (dict(unlabeled_ratio=-1), r'split\.unlabeled_ratio.*>= 0'),
+    (dict(unlabeled_ratio=1.5), r'split\.unlabeled_ratio'),
+    (dict(label_fraction=0.0), r'split\.label_fraction.*\(0, 1\]'),
+    (dict(label_fraction=0.3141), r'split\.label_fraction'),
+    (dict(label_fraction=1.5), r'split\.label_fraction'),
+])
+def test_bad_withholding_fields_are_named(overrides, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    split_recipes.split_config('ratio', **overrides)
+  with pytest.raises(ValueError, match=r'split\.label_fraction is not a field'):
+    split_recipes.split_config('kfold', label_fraction=0.2)
+
+
 def test_split_config_defaults_and_overrides():
   expected = {
       'semixup': dict(seed=0, test_site='E', labels_per_grade=100,

@@ -9,6 +9,8 @@ Elements are dicts of NumPy arrays, batched along axis 0:
   image      uint8, the view (siamese (2, 128, 128), whole (300, 300),
              keypoints (320, 320))
   keypoints  float32 (16, 2) (x, y) view pixels, 'keypoints' view only
+             (NaN for unknown landmarks: `usable_knees` finds the knees
+             that have them all)
   kl         int32 KL grade (-1 = ungraded)
   grades     int32 (7,) in schema.GRADES order (-1 = ungraded)
   labels     {head: int32} the task's labels (`koajax.tasks`; -1 = masked),
@@ -258,6 +260,41 @@ def knee_dataset(cache: cache_lib.Cache,
   ds = ds.repeat(num_epochs)
   ds = ds.map(DecodeView(view, cache.meta['roi_mm'], task, view_size))
   return ds.batch(local_batch, drop_remainder=True)
+
+
+def knees_with_keypoints(cache: cache_lib.Cache,
+                         chunk: int = 512) -> np.ndarray:
+  """Boolean mask over the records of `cache`: every landmark known."""
+  if cache.meta.get('source') == 'png_folders':  # built without landmarks
+    return np.zeros(len(cache), bool)
+  source = cache.source()
+  known = np.zeros(len(cache), bool)
+  for start in range(0, len(cache), chunk):
+    rows = range(start, min(start + chunk, len(cache)))
+    # Read together: the source reads a list of records in parallel.
+    for i, record in zip(rows, source.__getitems__(list(rows))):
+      known[i] = np.isfinite(cache_lib.decode(record)['keypoints']).all()
+  return known
+
+
+def usable_knees(cache: cache_lib.Cache, view: str) -> np.ndarray | None:
+  """Mask of the records `view` can be cut from; None when it is every one.
+
+  A view of `views.KEYPOINT_VIEWS` needs every landmark of a knee. Raises
+  cli.BadInput when no knee of the cache has them (a cache built from PNG
+  folders, say).
+  """
+  if view not in views.KEYPOINT_VIEWS:
+    return None
+  known = knees_with_keypoints(cache)
+  if len(cache) and not known.any():
+    from koajax import cli  # pylint: disable=g-import-not-at-top
+    raise cli.BadInput(
+        f"the {view!r} view needs the knees' landmarks and the cache "
+        f'{cache.dir} has none (a PNG-folder cache?): build the cache from '
+        'radiographs with their landmarks (python -m koajax.data.build '
+        '--manifest=... --landmarks=...), or choose another view')
+  return known
 
 
 def _mark_flags_parsed() -> None:

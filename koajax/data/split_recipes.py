@@ -9,7 +9,10 @@ run uses: labeled knees (grades used), unlabeled knees (images only), val
                    (Semixup's setting, as koajax.train made it)
   kfold            held-out test site or none; one fold of k subject-grouped
                    KL-stratified folds validates, the others are labeled
-  ratio            one train:val:test split by subject (e.g. 2:1:1)
+  ratio            one train:val:test split by subject (e.g. 2:1:1),
+                   optionally with a share of subjects whose grades are
+                   withheld (`unlabeled_ratio`) and only a fraction of the
+                   training subjects' grades used (`label_fraction`)
   held_out_site    held-out test site; 1/val_folds of the other subjects
                    validate, the rest is labeled
   active_learning  the active-learning candidates (labeled), val and test,
@@ -84,6 +87,22 @@ _FIELDS: dict[str, dict[str, Any]] = {
 # held-out-site recipe would otherwise silently ignore the site.
 _OPTIONAL = {'ratio': ('test_site',)}
 assert tuple(_FIELDS) == RECIPES
+# Fields a recipe reads with these defaults when a config leaves them out
+# (configs written before they existed); `split_config` adds them only when
+# given, so those configs and their saved runs stay as they were.
+_EXTRA: dict[str, dict[str, Any]] = {
+    'ratio': {
+        # Subjects whose every knee joins the unlabeled pool, grades
+        # withheld, in the units of `ratios`: (2, 1, 1) with 4 deals the
+        # subjects 2:1:1:4 into train, val, test and unlabeled.
+        'unlabeled_ratio': 0,
+        # Of the training subjects, the share whose grades are used (a
+        # simple fraction: 0.2 = 1 of 5 subject-grouped, KL-stratified
+        # folds); the other training subjects' knees join the unlabeled
+        # pool.
+        'label_fraction': 1.0,
+    },
+}
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -106,7 +125,7 @@ def split_config(recipe: str, **overrides: Any) -> ml_collections.ConfigDict:
   """
   _check_recipe(recipe)
   fields = _FIELDS[recipe]
-  unknown = sorted(set(overrides) - set(fields))
+  unknown = sorted(set(overrides) - set(fields) - set(_EXTRA.get(recipe, {})))
   if unknown:
     raise ValueError(
         f'split.{unknown[0]} is not a field of the {recipe!r} split recipe; '
@@ -234,6 +253,8 @@ def _settings(cfg: ml_collections.ConfigDict | Mapping,
           f'split.{name} is missing; the {recipe!r} split recipe reads '
           f'{", ".join(f"split.{f}" for f in fields)} (defaults: '
           f'split_recipes.split_config({recipe!r}))')
+  for name, default in _EXTRA.get(recipe, {}).items():
+    values[name] = cfg[name] if name in cfg else default
   _check_values(recipe, values)
   return values
 
@@ -287,6 +308,19 @@ def _check_values(recipe: str, values: dict[str, Any]) -> None:
     _check_int(values, 'fold', 0, values['num_folds'], 'split.num_folds')
   if 'val_folds' in values:
     _check_int(values, 'val_folds', 2)
+  if 'unlabeled_ratio' in values:
+    _check_int(values, 'unlabeled_ratio', 0)
+  if 'label_fraction' in values:
+    fraction = values['label_fraction']
+    ok = (isinstance(fraction, numbers.Real)
+          and not isinstance(fraction, bool) and math.isfinite(fraction))
+    if ok:
+      simple = fractions.Fraction(fraction).limit_denominator(20)
+      ok = 0 < simple <= 1 and abs(float(simple) - fraction) <= 1e-6
+    if not ok:
+      raise ValueError(
+          f'split.label_fraction must be a simple fraction in (0, 1] with a '
+          f'denominator <= 20, such as 0.2 or 1.0; got {fraction!r}')
   if 'ratios' in values:
     ratios = values['ratios']
     if not (isinstance(ratios, Sequence) and not isinstance(ratios, str)
@@ -377,14 +411,30 @@ def _kfold(index, q, *, seed, test_site, num_folds, fold) -> Splits:
                 val=split.val, test=test)
 
 
-def _ratio(index, q, *, seed, test_site, ratios) -> Splits:
+def _ratio(index, q, *, seed, test_site, ratios, unlabeled_ratio=0,
+           label_fraction=1.0) -> Splits:
   del test_site  # checked to be ''
+  rows, withheld = np.flatnonzero(q), [_EMPTY]
+  if unlabeled_ratio:
+    # Dealt as one more share of subjects first; the remaining subjects
+    # are then split by the ratios as without it.
+    parts = splits_lib.split_by_subject(
+        index, ratios=(sum(ratios), unlabeled_ratio, 0), seed=seed,
+        rows=rows, graded_only=False)
+    rows = parts.train
+    withheld.append(parts.val)
   split = splits_lib.split_by_subject(
-      index, ratios=tuple(ratios), seed=seed, rows=np.flatnonzero(q),
-      graded_only=False)
-  return Splits(labeled=split.train,
-                unlabeled=_unlabeled(index, q, '', split.val, split.test),
-                val=split.val, test=split.test)
+      index, ratios=tuple(ratios), seed=seed, rows=rows, graded_only=False)
+  labeled = split.train
+  if label_fraction < 1:
+    pools = splits_lib.labeled_unlabeled_pools(
+        index, labeled_fraction=label_fraction, seed=seed, rows=labeled)
+    labeled = pools.labeled
+    withheld.append(pools.unlabeled)
+  unlabeled = np.union1d(_unlabeled(index, q, '', split.val, split.test),
+                         np.concatenate(withheld)).astype(np.int64)
+  return Splits(labeled=labeled, unlabeled=unlabeled, val=split.val,
+                test=split.test)
 
 
 def _held_out_site(index, q, *, seed, test_site, val_folds) -> Splits:

@@ -141,6 +141,10 @@ def _keypoints_view(knee: dict[str, Any], roi_mm: float,
   return {'image': image, 'keypoints': keypoints}
 
 
+# Views cut with the knee's landmarks: a knee whose landmarks are unknown
+# (NaN, as PNG-folder caches store them) cannot be seen through them.
+KEYPOINT_VIEWS = frozenset({'keypoints'})
+
 # The pixel size of each view at size 0 (its own).
 VIEW_PX = {'siamese': SIAMESE_PATCH_PX, 'whole': WHOLE_KNEE_PX,
            'keypoints': KEYPOINTS_PX}

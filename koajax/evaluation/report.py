@@ -52,6 +52,10 @@ Every head's metrics are those of `metrics.metric_names`: balanced_accuracy,
 kappa, mse, accuracy, f1_weighted, log_loss, recall_<k> and, with a binary
 task, roc_auc and average_precision.
 
+With sections (a method's own measures, e.g. the coherence of the
+predictions under coherence learning's mixture), metrics.json also holds
+each under its name.
+
 predictions.csv is the ground truth of a report: the metrics are computed from
 what was written to it, `predictions.metrics_from_predictions` recomputes
 them, and `koajax.evaluation.compare` tests two runs against each other from
@@ -305,7 +309,8 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
                  pooled_binary: Mapping[str, Sequence[str]] | None = None,
                  n_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95,
-                 readers: Mapping[str, np.ndarray] | None = None) -> dict:
+                 readers: Mapping[str, np.ndarray] | None = None,
+                 sections: Mapping[str, object] | None = None) -> dict:
   """Writes predictions, metrics with bootstrap intervals and figures.
 
   Args:
@@ -332,6 +337,9 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
       given, the model is compared with every reader on the knees both the
       reference and the reader grade: readers.csv, readers.md and a
       'readers' section in metrics.json (`koajax.evaluation.readers`).
+    sections: further top-level entries of metrics.json, JSON-ready (a
+      method's measures of the predictions, e.g. their coherence); a name
+      the report uses itself is an error.
 
   Returns:
     The content of metrics.json; see the module docstring for the layouts.
@@ -416,6 +424,11 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
     report['readers'] = readers_lib.write_reader_table(
         out_dir, labels[heads[0]], probs[heads[0]], readers,
         positive_from=thresholds[heads[0]])
+  for name, value in (sections or {}).items():
+    if name in report or name == 'files':
+      raise ValueError(f'report section {name!r} is one the report writes '
+                       'itself')
+    report[name] = value
   report = json_ready(report)
   if not single:
     # Written before metrics.json, which lists them: a report whose table

@@ -12,6 +12,10 @@ A method is an object with
                                 new state from the validation predictions
                                 after each evaluation (a class-mean
                                 confidence, say)
+  report_sections(state, probs, labels)
+                                further sections of the test report that
+                                need the method's state (the coherence
+                                of the predictions under a fitted mixture)
 
 A state holding `input_norm` ({'mean', 'std'}) has every input standardised
 with it at prediction, as the method does in training (multi-task OARSI's
@@ -19,9 +23,11 @@ training-set statistics).
 
 The state is a pytree kept in the train state, so it is checkpointed with
 the weights and a resumed run goes on with exactly what it had. `forward(images,
-key)` runs the model in training mode and returns its output dict
-({'logits': {head: ...}, 'features': {...}}); `batch` maps each stream to a
-dict of arrays (image, labels {head: ...}, grades, ...).
+key, **inputs)` runs the model in training mode and returns its output dict
+({'logits': {head: ...}, 'features': {...}}); `inputs` are the model's other
+keyword inputs, if it takes any (`keypoints=` for the keypoint pooling
+network). `batch` maps each stream to a dict of arrays (image, labels
+{head: ...}, grades, keypoints in the 'keypoints' view, ...).
 
 Every module of this package that defines `METHODS = {name: Spec}` offers its
 methods to configs (`config.method`); `config.method='pkg.module:name'` names
@@ -79,6 +85,14 @@ class Method(abc.ABC):
   def update_state(self, state: Any, validation: Validation) -> Any:
     del validation
     return state
+
+  def report_sections(self, state: Any, probs: Mapping[str, np.ndarray],
+                      labels: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """{name: JSON-ready value} added to the test report's metrics.json,
+    from the test knees' probabilities and labels ({head: ...}, -1
+    masked); none by default."""
+    del state, probs, labels
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)

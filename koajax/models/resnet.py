@@ -227,10 +227,11 @@ class ResNet(nnx.Module):
     x = jnp.pad(x, ((0, 0), *extra, (0, 0)), constant_values=-jnp.inf)
     return nnx.max_pool(x, (3, 3), strides=(2, 2))
 
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
-               offsets: Mapping[str, Any] | None = None) -> dict[str, dict]:
-    taps = siamese.Taps(offsets)
+  def stage_maps(self, images: jax.Array, *, train: bool,
+                 taps: siamese.Taps, stages: int | None = None
+                 ) -> list[jax.Array]:
+    """The output maps of the first `stages` stages (default: all), each
+    through its Grad-CAM tap ('stage1', ...); later stages are not run."""
     x = images
     if x.ndim == 3:  # grey knees: one channel, repeated for RGB weights
       x = x[..., None]
@@ -239,13 +240,20 @@ class ResNet(nnx.Module):
     x = jax.nn.relu(self.stem_bn(self.stem_conv(x),
                                  use_running_average=not train))
     x = self._max_pool(x)
-    stage_maps = []
-    for i, stage in enumerate(self.stages):
+    maps = []
+    for i, stage in enumerate(self.stages[:stages]):
       for block in stage:
         x = block(x, train=train)
       x = taps(f'stage{i + 1}', x)
-      stage_maps.append(x)
-    x = taps('maps', x)
+      maps.append(x)
+    return maps
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout: bool | None = None, rngs: nnx.Rngs | None = None,
+               offsets: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    taps = siamese.Taps(offsets)
+    stage_maps = self.stage_maps(images, train=train, taps=taps)
+    x = taps('maps', stage_maps[-1])
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     feats = self.dropout(pooled, deterministic=not (
         train if dropout is None else dropout), rngs=rngs)

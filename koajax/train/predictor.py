@@ -4,7 +4,9 @@
     probs = predictor.predict(cache, rows)        # {head: (n, classes)}
 
 A predictor holds one or several members (a run's weights) of one task. Each
-member's forward pass is jitted over a data-parallel mesh. With `crop` every
+member's forward pass is jitted over a data-parallel mesh. A model that takes
+`keypoints=` (the keypoint pooling network) gets the knees' keypoints of the
+'keypoints' view, moved with every crop. With `crop` every
 knee is first cut to its centre `crop` px (multi-task OARSI trains on random
 300 px crops of a 310 px view); a run whose method state holds `input_norm`
 has its inputs standardised with it, as in training. With test-time
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 import copy
 import dataclasses
 import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +71,21 @@ def non_finite_leaves(tree) -> list[str]:
   return bad
 
 
-def five_crop(images: jax.Array, size: int) -> list[jax.Array]:
-  """The four corner crops and the centre crop of `size` px of the last two
-  axes (top-left, top-right, bottom-left, bottom-right, centre)."""
-  h, w = images.shape[-2:]
+def five_crop_origins(h: int, w: int, size: int) -> list[tuple[int, int]]:
+  """(top, left) of `five_crop`'s crops of an h x w image, in its order."""
   if not 0 < size < min(h, w):
     raise ValueError(f'five_crop needs 0 < tta_crop < {min(h, w)} (the '
                      f'view is {h}x{w} px), got {size}')
   tops = (0, 0, h - size, h - size, (h - size) // 2)
   lefts = (0, w - size, 0, w - size, (w - size) // 2)
-  return [images[..., t:t + size, l:l + size] for t, l in zip(tops, lefts)]
+  return list(zip(tops, lefts))
+
+
+def five_crop(images: jax.Array, size: int) -> list[jax.Array]:
+  """The four corner crops and the centre crop of `size` px of the last two
+  axes (top-left, top-right, bottom-left, bottom-right, centre)."""
+  return [images[..., t:t + size, l:l + size]
+          for t, l in five_crop_origins(*images.shape[-2:], size)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +104,43 @@ def centre_crop(images: jax.Array, size: int) -> jax.Array:
   return five_crop(images, size)[-1] if size else images
 
 
-def _member_outputs(params, extra, input_norm, images, *, graphdef, crop: int,
-                    tta: str, tta_crop: int,
+def takes_keypoints(model: nnx.Module) -> bool:
+  """Whether `model` is called with the knees' keypoints (`keypoints=`)."""
+  return 'keypoints' in inspect.signature(model.__call__).parameters
+
+
+def _cropped_views(x: jax.Array, keypoints: jax.Array | None, size: int,
+                   tta: bool) -> list[tuple[jax.Array, jax.Array | None]]:
+  """(image, keypoints) of the centre crop (or, with `tta`, the five crops)
+  of `size` px; keypoints ((x, y) pixels) shifted to each crop's origin."""
+  origins = five_crop_origins(*x.shape[-2:], size)
+  views = []
+  for top, left in (origins if tta else origins[-1:]):
+    points = None if keypoints is None else (
+        keypoints - jnp.array([left, top], keypoints.dtype))
+    views.append((x[..., top:top + size, left:left + size], points))
+  return views
+
+
+def _member_outputs(params, extra, input_norm, images, keypoints, *,
+                    graphdef, crop: int, tta: str, tta_crop: int,
                     ensemble: str) -> dict[str, jax.Array]:
-  """{head: mean probabilities (or logits) over the TTA views}."""
+  """{head: mean probabilities (or logits) over the TTA views}. `keypoints`
+  (or None) reach the model when it takes them."""
   model = nnx.merge(graphdef, params, extra, copy=True)
-  x = centre_crop(step_lib.normalise(images), crop)
+  if not takes_keypoints(model):
+    keypoints = None
+  x = step_lib.normalise(images)
   if input_norm is not None:
     x = (x - input_norm['mean']) / input_norm['std']
-  views = five_crop(x, tta_crop) if tta == 'five_crop' else [x]
-  outs = [model(v, train=False)['logits'] for v in views]
+  views = [(x, keypoints)]
+  if crop:
+    views = _cropped_views(x, keypoints, crop, tta=False)
+  if tta == 'five_crop':
+    views = _cropped_views(*views[0], tta_crop, tta=True)
+  outs = [model(v, train=False,
+                **({} if k is None else {'keypoints': k}))['logits']
+          for v, k in views]
   combine = ((lambda z: z.astype(jnp.float32)) if ensemble == 'logits'
              else jax.nn.softmax)
   return {head: jnp.mean(jnp.stack([combine(o[head]) for o in outs]), axis=0)
@@ -196,15 +231,23 @@ class Predictor:
     # evenly over the devices: one compiled program for any number of knees.
     return -(-self.batch_size // self.mesh.size) * self.mesh.size
 
-  def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """{head: (n, classes)} probabilities of n <= batch_size view images."""
+  def predict_images(self, images: np.ndarray,
+                     keypoints: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+    """{head: (n, classes)} probabilities of n <= batch_size view images
+    (with their (n, K, 2) keypoints in the 'keypoints' view)."""
     n = len(images)
-    images = np.concatenate([images, np.repeat(images[-1:], self._padded() - n,
-                                               0)])
-    # Every process holds all images; each device takes its rows.
-    sharded = jax.make_array_from_callback(images.shape, self._data,
-                                           lambda rows: images[rows])
-    outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded))
+
+    def shard(a):
+      a = np.concatenate([a, np.repeat(a[-1:], self._padded() - n, 0)])
+      # Every process holds all images; each device takes its rows.
+      return jax.make_array_from_callback(a.shape, self._data,
+                                          lambda rows: a[rows])
+
+    sharded = shard(images)
+    points = None if keypoints is None else shard(keypoints)
+    outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded,
+                              points))
             for fn, m in zip(self._fns, self.members)]
     mean = {head: np.mean([o[head] for o in outs], axis=0)[:n]
             for head in outs[0]}
@@ -214,10 +257,11 @@ class Predictor:
 
   def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
     """{head: (len(indices), classes)} probabilities of cache rows, in order."""
-    batches = [self.predict_images(b['image']) for b in pipeline.eval_batches(
-        cache, indices, view=self.task.view, view_size=self.task.view_size,
-        batch_size=self.batch_size,
-        sharding=pipeline.Sharding(0, 1))]
+    batches = [self.predict_images(b['image'], b.get('keypoints'))
+               for b in pipeline.eval_batches(
+                   cache, indices, view=self.task.view,
+                   view_size=self.task.view_size, batch_size=self.batch_size,
+                   sharding=pipeline.Sharding(0, 1))]
     return {head: np.concatenate([b[head] for b in batches])
             for head in self.task.head_names}
 

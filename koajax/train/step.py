@@ -222,8 +222,11 @@ def train_step(state: TrainState, batch, key: jax.Array,
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.extra, copy=True)
 
-    def forward(images, dropout_key):
-      return model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+    def forward(images, dropout_key, **inputs):
+      # `inputs`: what a model takes besides the images (the keypoints of
+      # the keypoint pooling network), handed on by the method.
+      return model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key),
+                   **inputs)
 
     loss, aux = method.loss(forward, batch, key, epoch=epoch,
                             state=state.method_state)

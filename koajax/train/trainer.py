@@ -88,11 +88,14 @@ def split_indices(splits: Splits, split: str) -> np.ndarray:
 
 def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
                  task: tasks_lib.Task, cache, indices: np.ndarray,
-                 probs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+                 probs: dict[str, np.ndarray],
+                 sections: dict[str, Any] | None = None
+                 ) -> dict[str, Any] | None:
   """metrics.json, predictions.csv and plots of `probs` on cache rows
   `indices`; written by process 0, which returns the report. With reader
   columns in the cache index (kl_reader_<name>) and a primary head on KL,
-  the report compares the model with those readers too."""
+  the report compares the model with those readers too. `sections` are
+  further top-level entries of metrics.json (`Method.report_sections`)."""
   if jax.process_index() != 0:
     return None
   index = cache.index.iloc[indices]
@@ -103,7 +106,14 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
       mean_heads=task.mean_heads, pooled_binary=dict(task.pooled_binary),
       subject_ids=index['subject_id'].to_numpy(),
       n_resamples=config.bootstrap_resamples, seed=config.seed,
-      readers=readers_lib.index_readers(index, task.heads[0]))
+      readers=readers_lib.index_readers(index, task.heads[0]),
+      sections=sections)
+
+
+def usable_only(splits: Splits, usable: np.ndarray) -> Splits:
+  """`splits` without the rows where `usable` is False."""
+  return Splits(**{f.name: getattr(splits, f.name)[
+      usable[getattr(splits, f.name)]] for f in dataclasses.fields(Splits)})
 
 
 class Trainer:
@@ -136,11 +146,22 @@ class Trainer:
     self.cache = cache or runtime.process_zero_first(
         lambda: sources.resolve_cache(config.data), 'koajax-cache')
     qualifies = self.task.qualifies(self.cache.index)
+    # Knees the view cannot be cut from (no landmarks for the 'keypoints'
+    # view) are in no set, labeled or not: never fed to the model as NaN.
+    usable = pipeline.usable_knees(self.cache, self.task.view)
+    if usable is not None:
+      qualifies = qualifies & usable
     if splits is None:  # a paper's sizes on smaller data: said, not silent
       config = plan_lib.adapt(config, self.cache.index, qualifies=qualifies)
     self.config = config
     self.splits = splits or split_recipes.make_splits(
         self.cache.index, config.split, qualifies=qualifies)
+    if usable is not None:
+      self.splits = usable_only(self.splits, usable)
+      if not usable.all():
+        log.warning('%d of the %d knees of the cache lack landmarks and are '
+                    'left out of this run (the %r view needs them)',
+                    int((~usable).sum()), len(usable), self.task.view)
     streams = self.method.streams
     unknown = set(streams) - {'labeled', 'unlabeled'}
     if unknown:
@@ -377,8 +398,11 @@ class Trainer:
              else self.state)
     indices = self.split_indices('test')
     probs = self.predict(state, indices)
+    sections = self.method.report_sections(
+        jax.device_get(state.method_state), probs,
+        self.task.index_labels(self.cache.index.iloc[indices]))
     result = write_report(self.workdir, self.config, self.task, self.cache,
-                          indices, probs)
+                          indices, probs, sections=sections)
     count = self.config.get('gradcam_knees', 0)
     if count and result is not None:
       # Imported here: Grad-CAM reads the predictor, which imports this
