@@ -112,6 +112,20 @@ SCENARIO = {
     '--workdir=/runs/oarsi-sx50-fold0 '
     '--config.model.init=/weights/se_resnext50_32x4d-a260b3a4.pth '
     '--config.split.fold=0': 'help',
+    'python -m koajax.main --config=configs/confidence.py:quick '
+    '--workdir=/tmp/koajax-confidence':
+        ['koajax.main', '--config=configs/confidence.py:smoke',
+         '--workdir={tmp}/koajax-confidence'],
+    # The same run with the cross-entropy loss (a method field): trained in
+    # benchmarks/reproduction/confidence.py, its loss tested in
+    # test_hybrid_loss.py.
+    'python -m koajax.main --config=configs/confidence.py:quick '
+    '--workdir=/tmp/koajax-confidence-ce --config.method_kwargs.loss_kind=ce':
+        'help',
+    # The paper's 500 epochs: hours on a GPU; its split is made in
+    # test_presets.py.
+    'python -m koajax.main --config=configs/confidence.py '
+    '--workdir=/runs/confidence-paper': 'help',
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',
