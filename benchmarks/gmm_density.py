@@ -37,6 +37,7 @@ import sys
 from absl import app
 from absl import flags
 import numpy as np
+from scipy import special
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -67,13 +68,8 @@ def coherent_grades(n: int, num_classes, seed: int = 0) -> np.ndarray:
 
 def head_softmax(logits: np.ndarray, num_classes) -> np.ndarray:
   """Per-head softmax of (n, sum(num_classes)) logits, heads side by side."""
-  out, start = [], 0
-  for c in num_classes:
-    z = logits[:, start:start + c]
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    out.append(e / e.sum(axis=1, keepdims=True))
-    start += c
-  return np.concatenate(out, axis=1)
+  heads = np.split(logits, np.cumsum(num_classes)[:-1], axis=1)
+  return np.concatenate([special.softmax(z, axis=1) for z in heads], axis=1)
 
 
 def sklearn_mixture(params: dict[str, np.ndarray]):

@@ -427,6 +427,7 @@ def write_extremes(out_dir: str | Path, member: predictor_lib.Member,
   """
   from koajax.data import pipeline  # pylint: disable=g-import-not-at-top
   labels, probs = np.asarray(labels), np.asarray(probs)
+  indices = np.asarray(indices)
   graded = np.flatnonzero(labels >= 0)
   if not len(graded) or count < 1:
     return None
@@ -436,7 +437,7 @@ def write_extremes(out_dir: str | Path, member: predictor_lib.Member,
   chosen = [('most', order[:count]), ('least', order[::-1][:count])]
   rows = np.concatenate([picked for _, picked in chosen])
   (batch,) = pipeline.eval_batches(
-      cache, np.asarray(indices)[rows], view=view, view_size=view_size,
+      cache, indices[rows], view=view, view_size=view_size,
       batch_size=len(rows), sharding=pipeline.Sharding(0, 1))
   out = explain(member, batch['image'], head=head, view=view,
                 roi_px=int(cache.meta['roi_px']),
@@ -448,11 +449,10 @@ def write_extremes(out_dir: str | Path, member: predictor_lib.Member,
   records, position = [], 0
   for kind, picked in chosen:
     for rank, row in enumerate(picked, 1):
-      record = cache.index.iloc[int(np.asarray(indices)[row])]
-      knee = record['knee_id']
+      knee = cache.index['knee_id'].iloc[indices[row]]
       predicted = int(np.argmax(probs[row]))
       name = f'{kind}_confident_{rank}_{knee}.png'
-      overlay_png(cache[int(np.asarray(indices)[row])]['image'],
+      overlay_png(cache[int(indices[row])]['image'],
                   heat[position], folder / name,
                   title=(f'{knee}: true {names[labels[row]]}, predicted '
                          f'{names[predicted]}, p(true) = '
