@@ -25,6 +25,7 @@ from koajax.data import manifest as manifest_lib
 from koajax.data import schema
 from koajax.data import sources
 from koajax.data import synthetic
+from koajax.data import synthetic_upgrade
 from koajax.evaluation import readers as readers_lib
 from koajax.evaluation import report
 
@@ -374,9 +375,9 @@ def test_add_readers_leaves_unknown_folders_alone(tiny, tmp_path):
   old.to_csv(tmp_path / 'manifest.csv', index=False)
   before = (tmp_path / 'manifest.csv').read_bytes()
   # No synthetic.json and no seed: not known to be a dataset of the generator.
-  assert synthetic.add_readers(tmp_path) == []
+  assert synthetic_upgrade.add_readers(tmp_path) == []
   (tmp_path / synthetic.SETTINGS).write_text('{"generator": "other"}')
-  assert synthetic.add_readers(tmp_path, seed=3) == []
+  assert synthetic_upgrade.add_readers(tmp_path, seed=3) == []
   assert (tmp_path / 'manifest.csv').read_bytes() == before
 
 

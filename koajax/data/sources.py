@@ -2,7 +2,7 @@
 
 Data made by an older koajax is brought up to date in place rather than
 made again: a synthetic dataset without the further readers gets their
-columns (`synthetic.add_readers`), and a cache whose index lacks reader
+columns (`synthetic_upgrade.add_readers`), and a cache whose index lacks reader
 columns its manifest has gets them (`cache.set_reader_columns`); each file
 is replaced in one step, and each update is logged on one INFO line.
 """
@@ -46,10 +46,11 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
   generator simulated further readers gets their columns added.
   """
   from koajax.data import synthetic
+  from koajax.data import synthetic_upgrade
   raw = synthetic_dir(cfg) / 'raw'
   if (raw / 'manifest.csv').is_file():
     # Datasets older than synthetic.json were made with default options.
-    added = synthetic.add_readers(raw, seed=cfg.synthetic.seed)
+    added = synthetic_upgrade.add_readers(raw, seed=cfg.synthetic.seed)
     if added:
       log.info('Added the simulated readers %s to %s', ', '.join(added),
                raw / 'manifest.csv')

@@ -23,7 +23,7 @@ Every image is seeded from (seed, image index), so a seed reproduces the
 files byte for byte whatever the number of workers. The further readers draw
 from streams of their own and read the severities truth.csv stores, so
 adding, removing or changing readers leaves every other output as it was,
-and `add_readers` gives a dataset made before readers existed the columns a
+and `koajax.data.synthetic_upgrade.add_readers` gives a dataset made before readers existed the columns a
 new one would have, byte for byte, without rendering anything again.
 
 Usage:
@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
 import multiprocessing
 import os
 import time
@@ -65,7 +64,6 @@ from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
 
-log = logging.getLogger(__name__)
 
 PROGRAM = 'koajax.data.synthetic'
 DEFAULT_NUM_SUBJECTS = 560  # about 3,000 knees with the default visits
@@ -543,71 +541,6 @@ def _write(out_dir: Path, knees: pd.DataFrame, tasks: list[ImageTask],
   truth[['jsw_l_mm', 'jsw_m_mm']] = knees[['jsw_l_mm', 'jsw_m_mm']].round(3)
   truth.to_csv(out_dir / TRUTH, index=False)
   return sum((out_dir / t.path).stat().st_size for t in tasks)
-
-
-def add_readers(out_dir: str | os.PathLike, *,
-                seed: int | None = None) -> list[str]:
-  """Adds the further readers' columns that a dataset's manifest lacks.
-
-  For datasets made before the generator had further readers: their grades
-  come from truth.csv and the dataset's settings (`reader_grades`), so the
-  manifest becomes the one a new run would write, and nothing is rendered
-  again. The manifest is replaced in one step (`atomic.write_text`).
-
-  Args:
-    out_dir: a dataset of this generator.
-    seed: the seed it was made with, for a dataset older than synthetic.json
-      (its options are then the defaults); None leaves such a dataset alone.
-
-  Returns:
-    The manifest columns added; [] when there was nothing to add, or when
-    the folder is not known to be this generator's (it is never changed).
-  """
-  out_dir = Path(out_dir)
-  settings = _settings(out_dir, seed)
-  if settings is None or not (out_dir / TRUTH).is_file():
-    return []
-  config = _config(dict(settings.get('options') or {}))
-  manifest = pd.read_csv(out_dir / MANIFEST, dtype=str, keep_default_na=False)
-  wanted = [schema.reader_column(n) for n in grading.reader_names(config)]
-  missing = [c for c in wanted if c not in manifest.columns]
-  if not missing:
-    return []
-  truth = pd.read_csv(out_dir / TRUTH, dtype=str, keep_default_na=False)
-  if 'severity' not in truth.columns:
-    return []  # older than the severities: readers cannot be added
-  keys = list(schema.ID_COLUMNS)
-  if not manifest[keys].equals(truth[keys]):
-    # Not fatal: the readers are extra, the dataset may still train.
-    log.warning('%s: %s and %s list different knees, so the simulated '
-                'readers cannot be added; generate the dataset again to have '
-                'them', out_dir, MANIFEST, TRUTH)
-    return []
-  # pandas wrote each severity as the shortest text of its float, which
-  # parses back to exactly that float.
-  severity = truth['severity'].astype(np.float64).to_numpy()
-  grades = reader_grades(severity, (manifest['kl'] != '').to_numpy(),
-                         int(settings['seed']), config)
-  for column in missing:
-    manifest[column] = [str(v) if v is not pd.NA else ''
-                        for v in grades[column]]
-  atomic.write_text(out_dir / MANIFEST, manifest.to_csv(index=False))
-  return missing
-
-
-def _settings(out_dir: Path, seed: int | None) -> dict[str, Any] | None:
-  """The dataset's synthetic.json; for a folder without one, settings of
-  `seed` with default options; None if neither applies."""
-  path = out_dir / SETTINGS
-  if not path.exists():
-    return None if seed is None else {'generator': PROGRAM, 'seed': seed}
-  try:
-    settings = json.loads(path.read_text(encoding='utf-8'))
-  except (OSError, ValueError):
-    return None
-  if not isinstance(settings, dict) or settings.get('generator') != PROGRAM:
-    return None
-  return settings
 
 
 def _scales(text: str) -> tuple[float, ...]:
