@@ -17,6 +17,7 @@ from PIL import Image
 from koajax import runtime
 from koajax.data import views
 from koajax.evaluation import gradcam
+from koajax.models import kpn
 from koajax.models import resnet
 from koajax.models import siamese
 from koajax.models import siamese_gap
@@ -193,6 +194,64 @@ def test_whole_knee_resnet_through_a_member_and_a_crop():
   maps = np.asarray(_forward(model, x)['features']['maps'])
   cam = _gap_cam(maps, np.asarray(model.heads['jsn'].kernel[...]), 1)
   np.testing.assert_allclose(out['scale'], cam.max(axis=(1, 2)), rtol=1e-4)
+
+
+def _bilinear_weights(points: np.ndarray, h: int, w: int) -> np.ndarray:
+  """(B, h, w): each cell's summed bilinear weight over a knee's points
+  (map cells), by hand; the points lie inside the map."""
+  out = np.zeros((len(points), h, w))
+  for b, knee in enumerate(points):
+    for x, y in knee:
+      x0, y0 = int(np.floor(x)), int(np.floor(y))
+      fx, fy = x - x0, y - y0
+      for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+          out[b, y0 + dy, x0 + dx] += wy * wx
+  return out
+
+
+def test_keypoint_pooling_network_through_a_member_and_a_crop():
+  """A head that averages the stage maps at 16 keypoints: y = W_k .
+  mean_p A(p), so dy/dA_ij = W_k b_ij / 16 with b_ij the cell's bilinear
+  weight. Grad-CAM's channel weights (their mean over the map) are W_k /
+  hw, the class activation map; HiResCAM keeps b_ij, so it is 0 away from
+  the keypoints. Through a predictor member with a centre crop, the
+  keypoints move with the crop."""
+  size, crop, k = 72, 64, 1
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (4, size, size), dtype=np.uint8)
+  # Cropped-view pixels; the map cells (stride 16, 4 x 4) stay inside.
+  points = rng.uniform(2, 46, (4, 16, 2)).astype(np.float32)
+  model = _build(lambda: kpn.KeypointPooling(
+      backbone='resnet18', heads={'kl': 3}, rngs=nnx.Rngs(0)), seed=5)
+  member = predictor.Member(*nnx.split(model, nnx.Param, ...))
+  x = predictor.centre_crop(step_lib.normalise(jnp.asarray(images)), crop)
+  maps = np.asarray(model(x, keypoints=jnp.asarray(points),
+                          train=False)['features']['maps'])
+  assert maps.shape == (4, 4, 4, 256)
+  kernel = np.asarray(model.heads['kl'].kernel[...])
+
+  out = gradcam.gradcam(model, x, head='kl', target=k,
+                        keypoints=jnp.asarray(points))
+  want = _gap_cam(maps, kernel, k)
+  np.testing.assert_allclose(out['cam'],
+                             want / want.max(axis=(1, 2), keepdims=True),
+                             atol=1e-5)
+
+  margin = (size - crop) // 2
+  hires = gradcam.explain(member, images, head='kl', view='keypoints',
+                          roi_px=ROI_PX, roi_mm=ROI_MM, view_size=size,
+                          crop=crop, target=k, method='hirescam',
+                          keypoints=points + margin)
+  weights = _bilinear_weights(points / kpn.stride(3), 4, 4)
+  want = np.maximum(maps @ kernel[:, k] * weights / 16, 0)
+  np.testing.assert_allclose(hires['cam'],
+                             want / want.max(axis=(1, 2), keepdims=True),
+                             atol=1e-5)
+  assert np.all(np.asarray(hires['cam'])[weights == 0] == 0)
+  assert hires['roi'].shape == (4, ROI_PX, ROI_PX)
+  with pytest.raises(ValueError, match='keypoints'):
+    gradcam.gradcam(model, x, head='kl')
 
 
 def _split_cam(model: nnx.Module, x: jax.Array, k: int, logits_of,

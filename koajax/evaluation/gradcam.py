@@ -133,7 +133,9 @@ def _check_classes(target: np.ndarray, out: dict[str, jax.Array]) -> None:
 
 def gradcam_arrays(model: nnx.Module, images: jax.Array, target: jax.Array,
                    *, head: str, layer: str = DEFAULT_LAYER,
-                   method: str = 'gradcam') -> dict[str, jax.Array]:
+                   method: str = 'gradcam',
+                   keypoints: jax.Array | None = None
+                   ) -> dict[str, jax.Array]:
   """The Grad-CAM of a batch, as a traceable function (see `gradcam`).
 
   Args:
@@ -143,6 +145,8 @@ def gradcam_arrays(model: nnx.Module, images: jax.Array, target: jax.Array,
     head: the head whose logits are explained.
     layer: the layer whose maps are differentiated.
     method: 'gradcam' or 'hirescam' (module docstring).
+    keypoints: (B, K, 2) keypoints for a model that reads them (the
+      keypoint pooling network), else None.
 
   Returns:
     As `gradcam`.
@@ -151,8 +155,10 @@ def gradcam_arrays(model: nnx.Module, images: jax.Array, target: jax.Array,
     raise ValueError(f'unknown method {method!r}; choose one of '
                      f'{", ".join(METHODS)}')
 
+  inputs = {} if keypoints is None else {'keypoints': keypoints}
+
   def forward(offset):
-    return model(images, train=False, offsets={layer: offset})
+    return model(images, train=False, offsets={layer: offset}, **inputs)
 
   # The maps' shape, traced once without computing anything.
   maps = jax.eval_shape(lambda: forward(jnp.zeros(()))['features']['taps'])
@@ -191,16 +197,17 @@ def gradcam_arrays(model: nnx.Module, images: jax.Array, target: jax.Array,
           'scale': scale, **aux}
 
 
-def _gradcam(states, images, target, *, graphdef, head, layer, method):
+def _gradcam(states, images, target, keypoints, *, graphdef, head, layer,
+             method):
   model = nnx.merge(graphdef, *states, copy=True)
   return gradcam_arrays(model, images, target, head=head, layer=layer,
-                        method=method)
+                        method=method, keypoints=keypoints)
 
 
 def gradcam(model: nnx.Module | tuple[Any, ...], images: jax.Array, *,
             head: str, target: int | Sequence[int] | jax.Array | None = None,
-            layer: str = DEFAULT_LAYER,
-            method: str = 'gradcam') -> dict[str, jax.Array]:
+            layer: str = DEFAULT_LAYER, method: str = 'gradcam',
+            keypoints: jax.Array | None = None) -> dict[str, jax.Array]:
   """Grad-CAM of a batch of knees, in one jitted call.
 
   Args:
@@ -215,6 +222,8 @@ def gradcam(model: nnx.Module | tuple[Any, ...], images: jax.Array, *,
       block); an unknown name raises a ValueError listing the model's.
     method: 'gradcam', or 'hirescam' for maps an instance norm reads
       (the Semixup network with SAM pooling; module docstring).
+    keypoints: (B, K, 2) keypoints in image pixels for a model that reads
+      them (the keypoint pooling network, `koajax.models.kpn`).
 
   Returns:
     {'cam': (B, [2,] h, w) Grad-CAM at the layer's resolution, in [0, 1]
@@ -231,7 +240,7 @@ def gradcam(model: nnx.Module | tuple[Any, ...], images: jax.Array, *,
     graphdef, *states = model
   classes = _targets(target, images.shape[0])
   fn = _jitted(_gradcam, graphdef, head=head, layer=layer, method=method)
-  out = fn(tuple(states), images, classes)
+  out = fn(tuple(states), images, classes, keypoints)
   _check_classes(classes, out)
   return out
 
@@ -288,15 +297,18 @@ def to_roi(heatmaps: jax.Array, placements: Sequence[views_lib.Placement],
   return _to_roi(heatmaps, placements=tuple(placements), roi_px=roi_px)
 
 
-def _explain(params, extra, input_norm, images, target, *, graphdef, head,
-             layer, method, crop, placements, roi_px):
+def _explain(params, extra, input_norm, images, target, keypoints, *,
+             graphdef, head, layer, method, crop, placements, roi_px):
   model = nnx.merge(graphdef, params, extra, copy=True)
+  if not predictor_lib.takes_keypoints(model):
+    keypoints = None
   # The predictor's inputs (`predictor._member_outputs`), without TTA.
-  x = predictor_lib.centre_crop(step_lib.normalise(images), crop)
+  x, keypoints = predictor_lib.crop_view(step_lib.normalise(images),
+                                         keypoints, crop)
   if input_norm is not None:
     x = (x - input_norm['mean']) / input_norm['std']
   out = gradcam_arrays(model, x, target, head=head, layer=layer,
-                       method=method)
+                       method=method, keypoints=keypoints)
   return {**out, 'roi': to_roi_arrays(out['heatmap'], placements, roi_px)}
 
 
@@ -304,8 +316,9 @@ def explain(member: predictor_lib.Member, images: np.ndarray | jax.Array, *,
             head: str, view: str, roi_px: int, roi_mm: float,
             view_size: int = 0, crop: int = 0,
             target: int | Sequence[int] | jax.Array | None = None,
-            layer: str = DEFAULT_LAYER,
-            method: str = 'gradcam') -> dict[str, jax.Array]:
+            layer: str = DEFAULT_LAYER, method: str = 'gradcam',
+            keypoints: np.ndarray | jax.Array | None = None
+            ) -> dict[str, jax.Array]:
   """Grad-CAM of a trained run's member on cached knees, onto their ROIs.
 
   The images go through what the predictor does before its network
@@ -325,6 +338,8 @@ def explain(member: predictor_lib.Member, images: np.ndarray | jax.Array, *,
     target: as for `gradcam`.
     layer: as for `gradcam`.
     method: as for `gradcam`.
+    keypoints: (B, K, 2) the knees' keypoints in view pixels ('keypoints'
+      view), for a model that reads them; shifted with the crop.
 
   Returns:
     `gradcam`'s outputs and 'roi': (B, roi_px, roi_px) heatmaps in [0, 1]
@@ -336,7 +351,8 @@ def explain(member: predictor_lib.Member, images: np.ndarray | jax.Array, *,
   fn = _jitted(_explain, member.graphdef, head=head, layer=layer,
                method=method, crop=crop, placements=placements,
                roi_px=roi_px)
-  out = fn(member.params, member.extra, member.input_norm, images, classes)
+  out = fn(member.params, member.extra, member.input_norm, images, classes,
+           keypoints)
   _check_classes(classes, out)
   return out
 
@@ -442,7 +458,7 @@ def write_extremes(out_dir: str | Path, member: predictor_lib.Member,
   out = explain(member, batch['image'], head=head, view=view,
                 roi_px=int(cache.meta['roi_px']),
                 roi_mm=float(cache.meta['roi_mm']), view_size=view_size,
-                crop=crop)
+                crop=crop, keypoints=batch.get('keypoints'))
   heat = np.asarray(jax.device_get(out['roi']))
   names = list(class_names or [str(k) for k in range(probs.shape[1])])
   folder = Path(out_dir) / GRADCAM_DIR

@@ -97,11 +97,22 @@ class Member:
   name: str = ''
   step: int = -1  # the training step the weights are from
   input_norm: Any = None  # {'mean', 'std'} from the method state, or None
+  # The run's whole method state (the coherence mixture, say), for the
+  # method's own report sections; None for weights without a run.
+  method_state: Any = None
 
 
 def centre_crop(images: jax.Array, size: int) -> jax.Array:
   """The centre `size` px of the last two axes (as `five_crop`'s last)."""
   return five_crop(images, size)[-1] if size else images
+
+
+def crop_view(x: jax.Array, keypoints: jax.Array | None, size: int
+              ) -> tuple[jax.Array, jax.Array | None]:
+  """The centre `size` px crop of `x` (none for 0) and its keypoints ((x,
+  y) pixels, or None) shifted to the crop's origin."""
+  return _cropped_views(x, keypoints, size, tta=False)[0] if size else (
+      x, keypoints)
 
 
 def takes_keypoints(model: nnx.Module) -> bool:
@@ -288,7 +299,8 @@ def load_member(workdir: str | Path, config: ml_collections.ConfigDict,
         f'{", ".join(others) or "none left"}) or train again')
   graphdef = step_lib.abstract_model(config, task)[0]
   return Member(graphdef, state.params, state.extra, name=str(workdir),
-                step=int(state.step), input_norm=_input_norm(state))
+                step=int(state.step), input_norm=_input_norm(state),
+                method_state=state.method_state)
 
 
 def _input_norm(state) -> Any:
@@ -301,4 +313,4 @@ def _input_norm(state) -> Any:
 def state_member(graphdef, state, name: str = '') -> Member:
   """A member from a state in memory (the trainer's)."""
   return Member(graphdef, state.params, state.extra, name=name,
-                input_norm=_input_norm(state))
+                input_norm=_input_norm(state), method_state=state.method_state)
