@@ -123,11 +123,27 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
          Path(workdirs[0]) / 'eval' / f'{name}-{target}')
   with jax.set_mesh(predictor.mesh):
     probs = predictor.predict(cache, indices)
-  result = train.write_report(out, config, task, cache, indices, probs)
+  result = train.write_report(
+      out, config, task, cache, indices, probs,
+      sections=_method_sections(config, task, predictor.members[0], cache,
+                                indices, probs))
   if result is not None:
     print(f'{checkpoint} on {target} ({len(indices)} knees): '
           f'{report.headline(result)}; report in {out / "metrics.json"}')
   return result
+
+
+def _method_sections(config, task, member, cache, indices,
+                     probs) -> dict[str, Any]:
+  """The method's own report entries (`Method.report_sections`: the
+  coherence measures), as at the end of training, from `member`'s method
+  state: an ensemble's or a cross-validation's first run (each run fits its
+  coherence mixture on its own training knees)."""
+  import jax
+  from koajax import methods
+  method = methods.from_config(config, task)
+  return method.report_sections(jax.device_get(member.method_state), probs,
+                                task.index_labels(cache.index.iloc[indices]))
 
 
 def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
@@ -169,10 +185,12 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
   cache = runtime.process_zero_first(
       lambda: sources.resolve_cache(configs[0].data), 'koajax-cache')
   task = tasks.from_config(configs[0])
+  members = []
   for workdir, val in zip(workdirs, rows):
     predictor = predictor_lib.Predictor.from_runs(
         [workdir], checkpoint=checkpoint,
         **{k: v for k, v in predict.items() if v is not None})
+    members += predictor.members
     with jax.set_mesh(predictor.mesh):
       probs.append(predictor.predict(cache, val))
   indices = np.concatenate(rows)
@@ -181,8 +199,10 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
             for head in task.head_names}
   out = (Path(out) if out else
          Path(workdirs[0]) / 'eval' / f'{checkpoint}-out-of-fold')
-  result = train.write_report(out, configs[0], task, cache, indices[order],
-                              merged)
+  result = train.write_report(
+      out, configs[0], task, cache, indices[order], merged,
+      sections=_method_sections(configs[0], task, members[0], cache,
+                                indices[order], merged))
   if result is not None:
     print(f'{checkpoint}, out of fold ({len(workdirs)} runs, '
           f'{len(indices)} knees): {report.headline(result)}; report in '

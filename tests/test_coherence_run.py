@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from koajax import evaluate
 from koajax import tasks
 from koajax import train
 from koajax.data import pipeline
@@ -88,6 +89,20 @@ def test_a_run_reports_every_head_and_the_coherence_of_its_predictions(
       measures['predicted']['incoherent']['kl_without_findings'], rule.mean())
   truth = np.stack([labels[h] for h in heads], axis=1)
   assert measures['true']['n_knees'] == int((truth >= 0).all(1).sum())
+
+
+def test_evaluate_reports_the_coherence_measures_as_training_did(
+    full_run, tmp_path):
+  """`koajax.evaluate` measures the predictions with the run's own
+  checkpointed mixture, as the end of training did."""
+  trained = json.loads((full_run / 'metrics.json').read_text())['coherence']
+  again = evaluate.evaluate(full_run, out=tmp_path)['coherence']
+  assert again['true'] == trained['true']
+  assert again['predicted']['incoherent'] == trained['predicted']['incoherent']
+  np.testing.assert_allclose(again['predicted']['mean_log_density'],
+                             trained['predicted']['mean_log_density'],
+                             rtol=1e-5)
+  assert 'coherence' in json.loads((tmp_path / 'metrics.json').read_text())
 
 
 def _train_only(config, workdir):
