@@ -20,21 +20,12 @@ beside it. On a GPU the same script runs the paper's preset
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
-import platform
-import subprocess
-import sys
-import time
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / 'benchmarks'))
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+from runs import REPO, estimate, machine_line, paired, paired_row, train
+
 LOSSES = ('ce', 'hybrid')
 METRICS = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc',
            'balanced_accuracy')
@@ -46,25 +37,14 @@ SHOWN = {'recall_1': 'sensitivity', 'recall_0': 'specificity',
 def run(preset: str, loss: str, seed: int, workdir: Path,
         extra: list[str]) -> dict:
   """Trains (or resumes) one run and returns its row."""
-  metrics_json = workdir / 'metrics.json'
-  seconds = float('nan')
-  if not metrics_json.is_file():
-    cmd = [sys.executable, '-m', 'koajax.main',
-           f'--config={REPO / "configs" / "confidence.py"}:{preset}',
-           f'--workdir={workdir}', f'--config.seed={seed}',
-           f'--config.method_kwargs.loss_kind={loss}',
-           '--config.progress_bar=False', *extra]
-    print(f'training {loss} seed {seed} in {workdir}', flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    seconds = time.perf_counter() - start
-  metrics = json.loads(metrics_json.read_text())['metrics']
+  report, seconds = train(
+      'confidence.py', preset, workdir,
+      [f'--config.seed={seed}', f'--config.method_kwargs.loss_kind={loss}',
+       *extra])
   row = {'loss': loss, 'seed': seed, 'preset': preset,
          'train_seconds': round(seconds, 1), 'workdir': str(workdir)}
   for name in METRICS:
-    row[name] = metrics[name]['estimate']
-    row[f'{name}_ci_low'] = metrics[name]['ci_low']
-    row[f'{name}_ci_high'] = metrics[name]['ci_high']
+    row.update(estimate(report['metrics'], name))
   return row
 
 
@@ -75,17 +55,8 @@ def compare(rows: pd.DataFrame) -> str:
            '(min, max) | paired t p | Wilcoxon p |',
            '|---|---|---|---|---|---|']
   for name in METRICS:
-    ce, hybrid = wide[name]['ce'].to_numpy(), wide[name]['hybrid'].to_numpy()
-    diff = hybrid - ce
-    t_p = stats.ttest_rel(hybrid, ce).pvalue if len(diff) > 1 else np.nan
-    # Exact two-sided Wilcoxon: with n seeds its smallest p is 2 / 2^n.
-    w_p = (stats.wilcoxon(hybrid, ce).pvalue
-           if len(diff) > 1 and np.any(diff) else np.nan)
-    lines.append(
-        f'| {SHOWN.get(name, name)} | {ce.mean():.4f} ({ce.std(ddof=1):.4f}) '
-        f'| {hybrid.mean():.4f} ({hybrid.std(ddof=1):.4f}) | '
-        f'{diff.mean():+.4f} ({diff.min():+.4f}, {diff.max():+.4f}) | '
-        f'{t_p:.3f} | {w_p:.3f} |')
+    lines.append(paired_row(SHOWN.get(name, name),
+                            paired(wide[name]['ce'], wide[name]['hybrid'])))
   return '\n'.join(lines)
 
 
@@ -114,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
   csv = out / f'confidence_{args.preset}.csv'
   table.to_csv(csv, index=False)
   text = (f'# Hybrid loss vs cross-entropy, preset {args.preset}, seeds '
-          f'{args.seeds}\n\nMachine: {cpu_name()}, {os.cpu_count()} cores; Python '
-          f'{platform.python_version()}.\n\n{compare(table)}\n')
+          f'{args.seeds}\n\n{machine_line()}\n\n{compare(table)}\n')
   (out / f'confidence_{args.preset}.md').write_text(text)
   print(text)
   print(f'raw results: {csv}')

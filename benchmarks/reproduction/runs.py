@@ -1,0 +1,79 @@
+"""What every reproduction script shares: resumable runs of `koajax.main`
+and the paired comparison of two arms over seeds.
+
+A run lives in its own workdir. Its `metrics.json` means it finished and is
+read, not retrained; a workdir without one goes on from its last checkpoint
+(`koajax.main` resumes), so a killed script picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / 'benchmarks'))
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+
+
+def train(config: str, preset: str, workdir: Path, overrides: list[str]
+          ) -> tuple[dict[str, Any], float]:
+  """(metrics.json of the run, seconds it trained here; nan if it had
+  finished before). `config` is a file under configs/."""
+  metrics_json = workdir / 'metrics.json'
+  seconds = float('nan')
+  if not metrics_json.is_file():
+    cmd = [sys.executable, '-m', 'koajax.main',
+           f'--config={REPO / "configs" / config}:{preset}',
+           f'--workdir={workdir}', '--config.progress_bar=False', *overrides]
+    print(f'training {workdir.name}: {" ".join(cmd[3:])}', flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    seconds = time.perf_counter() - start
+  return json.loads(metrics_json.read_text()), seconds
+
+
+def estimate(metrics: dict[str, Any], name: str) -> dict[str, float]:
+  """{name, name_ci_low, name_ci_high} of one metric of a report section."""
+  m = metrics[name]
+  return {name: m['estimate'], f'{name}_ci_low': m['ci_low'],
+          f'{name}_ci_high': m['ci_high']}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+  """b against a over the same seeds: means, spreads, the paired
+  difference, a paired t-test and the exact two-sided Wilcoxon signed-rank
+  test (with n seeds its smallest p is 2 / 2^n)."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  diff = b - a
+  n = len(diff)
+  return {
+      'n': n, 'mean_a': a.mean(), 'sd_a': a.std(ddof=1) if n > 1 else np.nan,
+      'mean_b': b.mean(), 'sd_b': b.std(ddof=1) if n > 1 else np.nan,
+      'diff': diff.mean(), 'diff_min': diff.min(), 'diff_max': diff.max(),
+      't_p': stats.ttest_rel(b, a).pvalue if n > 1 else np.nan,
+      'wilcoxon_p': (stats.wilcoxon(b, a).pvalue
+                     if n > 1 and np.any(diff) else np.nan)}
+
+
+def paired_row(label: str, result: dict[str, float]) -> str:
+  """One Markdown table row of `paired`'s result."""
+  r = result
+  return (f'| {label} | {r["mean_a"]:.4f} ({r["sd_a"]:.4f}) | '
+          f'{r["mean_b"]:.4f} ({r["sd_b"]:.4f}) | {r["diff"]:+.4f} '
+          f'({r["diff_min"]:+.4f}, {r["diff_max"]:+.4f}) | {r["t_p"]:.3f} | '
+          f'{r["wilcoxon_p"]:.3f} |')
+
+
+def machine_line() -> str:
+  return (f'Machine: {cpu_name()}, {os.cpu_count()} cores; Python '
+          f'{platform.python_version()}.')
