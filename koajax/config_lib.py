@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 10
   config.eval_batch_size = 64
   # Validation metrics that keep a best checkpoint ('best_<name>', '/' as
-  # '-'), higher is better except mse and loss; the first one is the
+  # '-'), higher is better except mse, rmse and loss; the first one is the
   # checkpoint test, evaluate, sweep and active learning use. Names:
   # 'balanced_accuracy' (the task's first head), 'jsn_l/kappa' (a head),
   # 'mean/kappa' (mean over the task's mean_heads), 'loss'.

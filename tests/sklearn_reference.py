@@ -17,6 +17,7 @@ def sklearn_head(y, probs, positive_from=None):
       'kappa': sk_metrics.cohen_kappa_score(y, pred, labels=labels,
                                             weights='quadratic'),
       'mse': sk_metrics.mean_squared_error(y, pred),
+      'rmse': sk_metrics.root_mean_squared_error(y, pred),
       'accuracy': sk_metrics.accuracy_score(y, pred),
       'f1_weighted': sk_metrics.f1_score(y, pred, average='weighted'),
       'log_loss': sk_metrics.log_loss(y, probs, labels=labels),

@@ -70,7 +70,7 @@ def test_a_run_reports_every_head_and_the_coherence_of_its_predictions(
     want = sklearn_reference.sklearn_head(labels[head.name][graded],
                                           probs[head.name][graded])
     got = result['heads'][head.name]['metrics']
-    for name in ('accuracy', 'kappa', 'mse', 'balanced_accuracy'):
+    for name in ('accuracy', 'kappa', 'rmse', 'balanced_accuracy'):
       np.testing.assert_allclose(got[name]['estimate'], want[name],
                                  rtol=1e-6, err_msg=f'{head.name} {name}')
 

@@ -84,6 +84,7 @@ def test_kl_metrics_match_numpy_by_hand():
   assert got['balanced_accuracy'] == pytest.approx(recall.mean())
   assert got['kappa'] == pytest.approx(_quadratic_kappa_by_hand(y, pred, 5))
   assert got['mse'] == pytest.approx(np.mean((pred - y) ** 2))
+  assert got['rmse'] == pytest.approx(np.sqrt(np.mean((pred - y) ** 2)))
   assert got['accuracy'] == pytest.approx(np.mean(pred == y))
   np.testing.assert_array_equal(got['confusion_matrix'],
                                 _confusion_by_hand(y, pred, 5))

@@ -62,7 +62,7 @@ def test_single_head_layout_is_unchanged(written):
                           'positive_from', 'bootstrap', 'metrics',
                           'confusion_matrix', 'files']
   assert list(result['metrics']) == [
-      'balanced_accuracy', 'kappa', 'mse', 'accuracy', 'f1_weighted',
+      'balanced_accuracy', 'kappa', 'mse', 'rmse', 'accuracy', 'f1_weighted',
       'log_loss', *(f'recall_{k}' for k in range(5)), 'roc_auc',
       'average_precision']
   assert result['files'] == {'predictions': report.PREDICTIONS_CSV,
@@ -108,6 +108,7 @@ def test_metrics_json_agrees_with_sklearn_on_predictions_csv(written):
       'balanced_accuracy': sk_metrics.balanced_accuracy_score(y, pred),
       'kappa': sk_metrics.cohen_kappa_score(y, pred, weights='quadratic'),
       'mse': sk_metrics.mean_squared_error(y, pred),
+      'rmse': sk_metrics.root_mean_squared_error(y, pred),
       'accuracy': sk_metrics.accuracy_score(y, pred),
       'f1_weighted': sk_metrics.f1_score(y, pred, average='weighted'),
       'log_loss': sk_metrics.log_loss(y, probs, labels=range(5)),

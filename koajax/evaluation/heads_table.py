@@ -2,7 +2,8 @@
 
 The layout of Tiulpin & Saarakkala (2019), Table 3: for each head (KL and the
 OARSI grades) the knees it grades and its kappa, balanced accuracy, weighted
-F1, MSE, ROC AUC and average precision, each as `estimate [low, high]` with
+F1, MSE, ROC AUC and average precision, with the accuracy and RMSE of Zheng
+et al. (2021), Table 2, beside them, each as `estimate [low, high]` with
 the report's bootstrap interval; then a row per pooled binary task (the
 lateral osteophytes of tibia and femur as one task, say) with ROC AUC and
 average precision only. '—' marks a metric that is undefined (null in
@@ -32,8 +33,10 @@ HEADS_TABLE_PNG = 'heads_table.png'
 METRIC_COLUMNS = (
     ('kappa', 'kappa'),
     ('balanced accuracy', 'balanced_accuracy'),
+    ('accuracy', 'accuracy'),
     ('weighted F1', 'f1_weighted'),
     ('MSE', 'mse'),
+    ('RMSE', 'rmse'),
     ('ROC AUC', 'roc_auc'),
     ('AP', 'average_precision'),
 )

@@ -18,11 +18,13 @@ inputs (tens of milliseconds per metric on a 2-core machine), which would make
 OARSI grades, say) with these functions.
 
 Metric names (all scalars; higher is better except those in LOWER_IS_BETTER,
-`mse` and `log_loss`):
+`mse`, `rmse` and `log_loss`):
 
   balanced_accuracy   mean recall over the classes present in y_true
   kappa               quadratic-weighted Cohen's kappa over labels 0..C-1
   mse                 mean squared error of the predicted grade (argmax)
+  rmse                its square root, in grades (coherence learning's
+                      Table 2 reports it)
   accuracy            fraction of exact grade matches
   f1_weighted         F1 of every grade, 2 TP / (2 TP + FP + FN), averaged
                       with weights = support (true count) over the grades
@@ -57,7 +59,7 @@ from sklearn import metrics as sk_metrics
 KL_OA_FROM = 2
 NUM_KL = 5
 
-LOWER_IS_BETTER = frozenset({'mse', 'log_loss'})
+LOWER_IS_BETTER = frozenset({'mse', 'rmse', 'log_loss'})
 RANKING_METRICS = ('roc_auc', 'average_precision')
 
 
@@ -92,7 +94,8 @@ def metric_names(num_classes: int,
                  positive_from: int | None = None) -> tuple[str, ...]:
   """Names of the scalar metrics of a head, in the order they are reported."""
   _check_positive_from(positive_from, num_classes)
-  names = ('balanced_accuracy', 'kappa', 'mse', 'accuracy', 'f1_weighted',
+  names = ('balanced_accuracy', 'kappa', 'mse', 'rmse', 'accuracy',
+           'f1_weighted',
            *(('f1',) if num_classes == 2 else ()), 'log_loss',
            *(f'recall_{k}' for k in range(num_classes)))
   return names + (RANKING_METRICS if positive_from is not None else ())
@@ -150,6 +153,7 @@ def classification_metrics(y_true, probs, *,
     out['kappa'] = sk_metrics.cohen_kappa_score(y, pred, labels=labels,
                                                 weights='quadratic')
     out['mse'] = sk_metrics.mean_squared_error(y, pred)
+    out['rmse'] = math.sqrt(out['mse'])
     out['accuracy'] = sk_metrics.accuracy_score(y, pred)
     # The labels scikit-learn uses by default, spelled out: a grade absent
     # from both y_true and the predictions would have F1 0/0. Every label
@@ -262,6 +266,7 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
         'balanced_accuracy': balanced,
         'kappa': 1.0 - observed_error / chance_error,
         'mse': observed_error / total,
+        'rmse': np.sqrt(observed_error / total),
         'accuracy': hits.sum(axis=1) / total,
         'f1_weighted': f1_weighted,
     }

@@ -49,7 +49,7 @@ listed head's graded knees are concatenated, and the report adds
   roc_<task>.png, pr_<task>.png
 
 Every head's metrics are those of `metrics.metric_names`: balanced_accuracy,
-kappa, mse, accuracy, f1_weighted, log_loss, recall_<k> and, with a binary
+kappa, mse, rmse, accuracy, f1_weighted, log_loss, recall_<k> and, with a binary
 task, roc_auc and average_precision.
 
 With sections (a method's own measures, e.g. the coherence of the
