@@ -19,6 +19,8 @@ SCRIPTS = REPO / 'benchmarks' / 'reproduction'
 # names, the metric columns every row has)
 CASES = {
     'confidence': ([], ('ce', 'hybrid'), ('accuracy', 'f1', 'roc_auc')),
+    'semixup': (['--labels=2'], ('supervised', 'semixup'),
+                ('balanced_accuracy', 'kappa', 'roc_auc')),
     'coherence': (['--arms=kpn-coh,gap', '--fractions=1.0'],
                   ('kpn-coh', 'gap'),
                   ('kl_accuracy', 'kl_kappa', 'oarsi_accuracy', 'log_density',
@@ -58,6 +60,8 @@ def test_script_runs_at_smoke_size_and_resumes(script, tmp_path, data_dir):
     assert np.isfinite(rows[name]).all(), name
   table = (tmp_path / 'out' / f'{script}_smoke.md').read_text()
   assert '| metric |' in table and 'Machine:' in table
+  png = tmp_path / 'out' / f'{script}_smoke.png'
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.name in table
 
   again = _run(script, args, tmp_path, data_dir)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, train
+from runs import REPO, estimate, machine_line, paired, paired_row, seeds_png, train
 
 # arm -> (model.kpn, method_kwargs.coherence)
 ARMS = {'kpn-coh': (True, True), 'kpn': (True, False),
@@ -150,10 +150,16 @@ def main(argv: list[str] | None = None) -> None:
   out.mkdir(parents=True, exist_ok=True)
   csv = out / f'coherence_{args.preset}.csv'
   table.to_csv(csv, index=False)
+  png = seeds_png(table, arm='arm', arms=list(ARMS), panel='label_fraction',
+                  metrics={k: SHOWN[k] for k in ('kl_accuracy', 'kl_kappa',
+                                                 'oarsi_accuracy',
+                                                 'oarsi_kappa')},
+                  path=out / f'coherence_{args.preset}.png',
+                  title=f'Coherence learning, test set, preset {args.preset}')
   text = (f'# Coherence learning: KPN x incoherence loss, preset '
           f'{args.preset}, seeds {args.seeds}\n\n{machine_line()}\n\n'
           f'Test set of each run; metrics of the snapshot the run kept.\n\n'
-          f'{compare(table)}\n')
+          f'{compare(table)}\n\n![each seed]({png.name})\n')
   (out / f'coherence_{args.preset}.md').write_text(text)
   print(text)
   print(f'raw results: {csv}')

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, train
+from runs import REPO, estimate, machine_line, paired, paired_row, seeds_png, train
 
 LOSSES = ('ce', 'hybrid')
 METRICS = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc',
@@ -84,8 +84,14 @@ def main(argv: list[str] | None = None) -> None:
   out.mkdir(parents=True, exist_ok=True)
   csv = out / f'confidence_{args.preset}.csv'
   table.to_csv(csv, index=False)
+  png = seeds_png(table, arm='loss', arms=list(LOSSES),
+                  metrics={'accuracy': 'accuracy', 'f1': 'F1 (KL-2)',
+                           'roc_auc': 'ROC AUC'},
+                  path=out / f'confidence_{args.preset}.png',
+                  title=f'Hybrid loss vs CE, test set, preset {args.preset}')
   text = (f'# Hybrid loss vs cross-entropy, preset {args.preset}, seeds '
-          f'{args.seeds}\n\n{machine_line()}\n\n{compare(table)}\n')
+          f'{args.seeds}\n\n{machine_line()}\n\n{compare(table)}\n\n'
+          f'![each seed]({png.name})\n')
   (out / f'confidence_{args.preset}.md').write_text(text)
   print(text)
   print(f'raw results: {csv}')

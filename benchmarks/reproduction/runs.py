@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,10 +28,12 @@ from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 def train(config: str, preset: str, workdir: Path, overrides: list[str]
           ) -> tuple[dict[str, Any], float]:
-  """(metrics.json of the run, seconds it trained here; nan if it had
-  finished before). `config` is a file under configs/."""
+  """(metrics.json of the run, seconds the scripts spent training it).
+  `config` is a file under configs/. The seconds are kept beside the workdir
+  (<workdir>.seconds), so a table written again keeps them; nan for a run
+  trained some other way."""
   metrics_json = workdir / 'metrics.json'
-  seconds = float('nan')
+  ledger = workdir.with_name(workdir.name + '.seconds')
   if not metrics_json.is_file():
     cmd = [sys.executable, '-m', 'koajax.main',
            f'--config={REPO / "configs" / config}:{preset}',
@@ -38,7 +41,9 @@ def train(config: str, preset: str, workdir: Path, overrides: list[str]
     print(f'training {workdir.name}: {" ".join(cmd[3:])}', flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)
-    seconds = time.perf_counter() - start
+    # A run resumed after a kill counts the part that finished it.
+    ledger.write_text(f'{time.perf_counter() - start:.1f}\n')
+  seconds = float(ledger.read_text()) if ledger.is_file() else float('nan')
   return json.loads(metrics_json.read_text()), seconds
 
 
@@ -77,3 +82,35 @@ def paired_row(label: str, result: dict[str, float]) -> str:
 def machine_line() -> str:
   return (f'Machine: {cpu_name()}, {os.cpu_count()} cores; Python '
           f'{platform.python_version()}.')
+
+
+def seeds_png(rows: pd.DataFrame, *, arm: str, arms: list[str],
+              metrics: dict[str, str], path: Path, title: str,
+              panel: str | None = None) -> Path:
+  """One panel per metric (per `panel` value too, if given): each seed's
+  value of every arm, a seed's arms joined by a grey line, the arms' means
+  as black bars. `arm` names the column holding the arm."""
+  from matplotlib.figure import Figure
+  panels = [None] if panel is None else sorted(rows[panel].unique(),
+                                               reverse=True)
+  fig = Figure(figsize=(3.2 * len(metrics), 2.8 * len(panels)),
+               layout='constrained')
+  axes = fig.subplots(len(panels), len(metrics), squeeze=False)
+  for r, value in enumerate(panels):
+    at = rows if value is None else rows[rows[panel] == value]
+    shown = [a for a in arms if a in set(at[arm])]
+    for c, (name, label) in enumerate(metrics.items()):
+      ax = axes[r, c]
+      wide = at.pivot(index='seed', columns=arm, values=name)[shown]
+      x = np.arange(len(shown))
+      for _, seed_values in wide.iterrows():
+        ax.plot(x, seed_values.to_numpy(), color='0.7', marker='o',
+                markersize=4, lw=1)
+      ax.hlines(wide.mean().to_numpy(), x - 0.25, x + 0.25, color='k', lw=2)
+      ax.set_xticks(x, shown, rotation=30, ha='right', fontsize=8)
+      ax.set_title(label if value is None else f'{label}, {panel} {value}',
+                   fontsize=9)
+  fig.suptitle(title, fontsize=10)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
