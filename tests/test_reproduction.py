@@ -19,6 +19,9 @@ SCRIPTS = REPO / 'benchmarks' / 'reproduction'
 # names, the metric columns every row has)
 CASES = {
     'confidence': ([], ('ce', 'hybrid'), ('accuracy', 'f1', 'roc_auc')),
+    'active_learning': (['--acquisitions=random,bald', '--consistency=false'],
+                        ('random', 'bald'),
+                        ('balanced_accuracy_area', 'kappa_final')),
     'semixup': (['--labels=2'], ('supervised', 'semixup'),
                 ('balanced_accuracy', 'kappa', 'roc_auc')),
     'coherence': (['--arms=kpn-coh,gap', '--fractions=1.0'],

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, seeds_png, train
+from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
 
 # arm -> (model.kpn, method_kwargs.coherence)
 ARMS = {'kpn-coh': (True, True), 'kpn': (True, False),
@@ -72,20 +72,21 @@ def run(preset: str, arm: str, fraction: float, seed: int, workdir: Path,
         extra: list[str]) -> dict:
   """Trains (or resumes) one run and returns its row."""
   kpn, coherence = ARMS[arm]
-  report, seconds = train(
+  seconds = train(
       'coherence.py', preset, workdir,
       [f'--config.seed={seed}', f'--config.model.kpn={kpn}',
        f'--config.method_kwargs.coherence={coherence}',
        f'--config.split.label_fraction={fraction}', *extra])
+  result = report(workdir)
   row = {'arm': arm, 'label_fraction': fraction, 'seed': seed,
          'preset': preset, 'train_seconds': round(seconds, 1),
          'workdir': str(workdir)}
   for column, (section, name) in METRICS.items():
-    metrics = (report['heads'][section]['metrics'] if section != 'mean'
-               else report['mean'])
+    metrics = (result['heads'][section]['metrics'] if section != 'mean'
+               else result['mean'])
     row.update({k.replace(name, column, 1): v
                 for k, v in estimate(metrics, name).items()})
-  predicted = report['coherence']['predicted']
+  predicted = result['coherence']['predicted']
   row['log_density'] = predicted['mean_log_density']
   row['incoherent'] = predicted['incoherent']['any']
   return row

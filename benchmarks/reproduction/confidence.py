@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, seeds_png, train
+from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
 
 LOSSES = ('ce', 'hybrid')
 METRICS = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc',
@@ -37,14 +37,15 @@ SHOWN = {'recall_1': 'sensitivity', 'recall_0': 'specificity',
 def run(preset: str, loss: str, seed: int, workdir: Path,
         extra: list[str]) -> dict:
   """Trains (or resumes) one run and returns its row."""
-  report, seconds = train(
+  seconds = train(
       'confidence.py', preset, workdir,
       [f'--config.seed={seed}', f'--config.method_kwargs.loss_kind={loss}',
        *extra])
+  result = report(workdir)
   row = {'loss': loss, 'seed': seed, 'preset': preset,
          'train_seconds': round(seconds, 1), 'workdir': str(workdir)}
   for name in METRICS:
-    row.update(estimate(report['metrics'], name))
+    row.update(estimate(result['metrics'], name))
   return row
 
 

@@ -26,15 +26,14 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
-def train(config: str, preset: str, workdir: Path, overrides: list[str]
-          ) -> tuple[dict[str, Any], float]:
-  """(metrics.json of the run, seconds the scripts spent training it).
-  `config` is a file under configs/. The seconds are kept beside the workdir
-  (<workdir>.seconds), so a table written again keeps them; nan for a run
-  trained some other way."""
-  metrics_json = workdir / 'metrics.json'
+def train(config: str, preset: str, workdir: Path, overrides: list[str], *,
+          done: str = 'metrics.json') -> float:
+  """Trains the run unless its file `done` says it finished; returns the
+  seconds the scripts spent training it. `config` is a file under configs/.
+  The seconds are kept beside the workdir (<workdir>.seconds), so a table
+  written again keeps them; nan for a run trained some other way."""
   ledger = workdir.with_name(workdir.name + '.seconds')
-  if not metrics_json.is_file():
+  if not (workdir / done).is_file():
     cmd = [sys.executable, '-m', 'koajax.main',
            f'--config={REPO / "configs" / config}:{preset}',
            f'--workdir={workdir}', '--config.progress_bar=False', *overrides]
@@ -43,8 +42,12 @@ def train(config: str, preset: str, workdir: Path, overrides: list[str]
     subprocess.run(cmd, cwd=REPO, check=True)
     # A run resumed after a kill counts the part that finished it.
     ledger.write_text(f'{time.perf_counter() - start:.1f}\n')
-  seconds = float(ledger.read_text()) if ledger.is_file() else float('nan')
-  return json.loads(metrics_json.read_text()), seconds
+  return float(ledger.read_text()) if ledger.is_file() else float('nan')
+
+
+def report(workdir: Path) -> dict[str, Any]:
+  """The test report (metrics.json) of a finished run."""
+  return json.loads((workdir / 'metrics.json').read_text())
 
 
 def estimate(metrics: dict[str, Any], name: str) -> dict[str, float]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, seeds_png, train
+from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
 from koajax import cli
 from koajax.evaluation import compare
 
@@ -58,15 +58,16 @@ def run(preset: str, arm: str, labels: int, seed: int, workdir: Path,
   if arm in ABLATIONS:
     method = 'semixup'
     overrides = [f'--config.method_kwargs.terms.{ABLATIONS[arm]}=0']
-  report, seconds = train(
+  seconds = train(
       f'{method}.py', preset, workdir,
       [f'--config.seed={seed}', f'--config.split.seed={seed}',
        f'--config.split.labels_per_grade={labels}', *overrides, *extra])
+  result = report(workdir)
   row = {'arm': arm, 'labels_per_grade': labels, 'seed': seed,
          'preset': preset, 'train_seconds': round(seconds, 1),
          'workdir': str(workdir)}
   for name in METRICS:
-    row.update(estimate(report['metrics'], name))
+    row.update(estimate(result['metrics'], name))
   return row
 
 
