@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from runs import REPO, machine_line, paired, paired_row, train
+from runs import REPO, against_truth, machine_line, paired, paired_row, train
 
 ACQUISITIONS = ('random', 'entropy', 'least_confidence', 'entropy_mcd',
                 'bald')
@@ -73,6 +73,10 @@ def run(preset: str, acquisition: str, consistency: bool, seed: int,
   for name in METRICS:
     row[f'{name}_area'] = area(curve, name)
     row[f'{name}_final'] = float(curve[name].iloc[-1])
+  # The last round's model against the noise-free grades.
+  last = workdir / f'round_{len(curve) - 1:02d}'
+  row.update({f'{k}_final': v for k, v in against_truth(last).items()
+              if not k.endswith('knees_truth')})
   return row, curve.assign(arm=arm, seed=seed)
 
 
@@ -94,6 +98,12 @@ def compare(rows: pd.DataFrame) -> str:
         lines.append(paired_row(f'{SHOWN[name]}, {what}',
                                 paired(wide[column][BASELINE],
                                        wide[column][arm])))
+    for column, what in (('kl_accuracy_truth_final', 'accuracy'),
+                         ('kl_kappa_truth_final', 'kappa')):
+      if column in rows:
+        lines.append(paired_row(
+            f'{what} against the noise-free KL, at the last round',
+            paired(wide[column][BASELINE], wide[column][arm])))
     sections.append('\n'.join(lines))
   return '\n\n'.join(sections)
 

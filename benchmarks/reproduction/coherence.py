@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
 
 # arm -> (model.kpn, method_kwargs.coherence)
 ARMS = {'kpn-coh': (True, True), 'kpn': (True, False),
@@ -51,7 +51,10 @@ SHOWN = {'kl_accuracy': 'KL accuracy', 'kl_kappa': 'KL kappa',
          'oarsi_accuracy': 'OARSI mean accuracy',
          'oarsi_kappa': 'OARSI mean kappa',
          'log_density': 'mean log-density of the predictions',
-         'incoherent': 'share of incoherent predictions'}
+         'incoherent': 'share of incoherent predictions',
+         'kl_accuracy_truth': 'KL accuracy against the noise-free grades',
+         'kl_kappa_truth': 'KL kappa against the noise-free grades'}
+TRUTH = ('kl_accuracy_truth', 'kl_kappa_truth')
 # (what is compared, arm a, arm b): b against a, at each label fraction.
 CONTRASTS = (('incoherence loss, with KPN', 'kpn', 'kpn-coh'),
              ('incoherence loss, global pooling', 'gap', 'gap-coh'),
@@ -89,6 +92,7 @@ def run(preset: str, arm: str, fraction: float, seed: int, workdir: Path,
   predicted = result['coherence']['predicted']
   row['log_density'] = predicted['mean_log_density']
   row['incoherent'] = predicted['incoherent']['any']
+  row.update(against_truth(workdir))
   return row
 
 
@@ -107,9 +111,10 @@ def compare(rows: pd.DataFrame) -> str:
                f'| metric | {a} mean (sd) | {b} mean (sd) | {b} - {a}, mean '
                '(min, max) | paired t p | Wilcoxon p |',
                '|---|---|---|---|---|---|']
-      for name in (*METRICS, 'log_density', 'incoherent'):
-        lines.append(paired_row(SHOWN[name],
-                                paired(wide[name][a], wide[name][b])))
+      for name in (*METRICS, 'log_density', 'incoherent', *TRUTH):
+        if name in at:
+          lines.append(paired_row(SHOWN[name],
+                                  paired(wide[name][a], wide[name][b])))
       sections.append('\n'.join(lines))
   return '\n\n'.join(sections)
 

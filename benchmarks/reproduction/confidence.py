@@ -24,14 +24,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
 
 LOSSES = ('ce', 'hybrid')
 METRICS = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc',
            'balanced_accuracy')
 SHOWN = {'recall_1': 'sensitivity', 'recall_0': 'specificity',
          'roc_auc': 'ROC AUC', 'f1': 'F1 (KL-2)',
-         'balanced_accuracy': 'balanced accuracy'}
+         'balanced_accuracy': 'balanced accuracy',
+         'kl0_vs_kl2_accuracy_truth': 'accuracy against the noise-free KL',
+         'kl0_vs_kl2_kappa_truth': 'kappa against the noise-free KL'}
+TRUTH = ('kl0_vs_kl2_accuracy_truth', 'kl0_vs_kl2_kappa_truth')
 
 
 def run(preset: str, loss: str, seed: int, workdir: Path,
@@ -46,6 +49,7 @@ def run(preset: str, loss: str, seed: int, workdir: Path,
          'train_seconds': round(seconds, 1), 'workdir': str(workdir)}
   for name in METRICS:
     row.update(estimate(result['metrics'], name))
+  row.update(against_truth(workdir))
   return row
 
 
@@ -58,6 +62,10 @@ def compare(rows: pd.DataFrame) -> str:
   for name in METRICS:
     lines.append(paired_row(SHOWN.get(name, name),
                             paired(wide[name]['ce'], wide[name]['hybrid'])))
+  for name in TRUTH:
+    if name in rows:
+      lines.append(paired_row(SHOWN[name], paired(wide[name]['ce'],
+                                                  wide[name]['hybrid'])))
   return '\n'.join(lines)
 
 

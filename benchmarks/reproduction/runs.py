@@ -50,6 +50,42 @@ def report(workdir: Path) -> dict[str, Any]:
   return json.loads((workdir / 'metrics.json').read_text())
 
 
+def against_truth(workdir: Path) -> dict[str, float]:
+  """Accuracy and quadratic kappa of a run's test predictions against the
+  synthetic generator's noise-free grades (raw/truth.csv), per head:
+  <head>_accuracy_truth, <head>_kappa_truth and <head>_knees_truth (the
+  knees the task takes by their true grades, e.g. true KL 0 or 2 for KL-0
+  vs KL-2). Beside the metrics against the recorded (reader) grades, they
+  show how much of the remaining error is reader noise. {} for a run on
+  other data."""
+  from sklearn import metrics
+  from koajax import config_lib
+  from koajax import tasks
+  from koajax.data import schema
+  from koajax.data import sources
+  from koajax.evaluation import predictions
+  config = config_lib.load_run_config(workdir)
+  if config.data.source != 'synthetic':
+    return {}
+  truth = pd.read_csv(sources.synthetic_dir(config.data) / 'raw' /
+                      'truth.csv', dtype={'subject_id': str})
+  truth.index = [schema.knee_id(s, v, d) for s, v, d in
+                 zip(truth['subject_id'], truth['visit'], truth['side'])]
+  frame, _, probs = predictions.read_heads(workdir / 'predictions.csv')
+  task = tasks.from_config(config)
+  true = task.index_labels(truth.loc[frame['knee_id']])
+  out = {}
+  for head in task.head_names:
+    keep = true[head] >= 0
+    y, pred = true[head][keep], probs[head][keep].argmax(axis=1)
+    classes = list(range(probs[head].shape[1]))
+    out[f'{head}_accuracy_truth'] = metrics.accuracy_score(y, pred)
+    out[f'{head}_kappa_truth'] = metrics.cohen_kappa_score(
+        y, pred, labels=classes, weights='quadratic')
+    out[f'{head}_knees_truth'] = int(keep.sum())
+  return out
+
+
 def estimate(metrics: dict[str, Any], name: str) -> dict[str, float]:
   """{name, name_ci_low, name_ci_high} of one metric of a report section."""
   m = metrics[name]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
 from koajax import cli
 from koajax.evaluation import compare
 
@@ -46,7 +46,10 @@ ABLATIONS = {'semixup-no-in-manifold': 'in_manifold',
              'semixup-no-interpolation': 'interpolation'}
 METRICS = ('balanced_accuracy', 'kappa', 'roc_auc')
 SHOWN = {'balanced_accuracy': 'balanced accuracy', 'kappa': 'kappa',
-         'roc_auc': 'ROC AUC (KL >= 2)'}
+         'roc_auc': 'ROC AUC (KL >= 2)',
+         'kl_accuracy_truth': 'accuracy against the noise-free KL',
+         'kl_kappa_truth': 'kappa against the noise-free KL'}
+TRUTH = ('kl_accuracy_truth', 'kl_kappa_truth')
 BASELINE = 'supervised'
 CHUNKS = 20  # the paper's subject-disjoint chunks
 
@@ -68,6 +71,7 @@ def run(preset: str, arm: str, labels: int, seed: int, workdir: Path,
          'workdir': str(workdir)}
   for name in METRICS:
     row.update(estimate(result['metrics'], name))
+  row.update(against_truth(workdir))
   return row
 
 
@@ -106,9 +110,10 @@ def compare_arms(rows: pd.DataFrame) -> str:
                f'| metric | {base} mean (sd) | {arm} mean (sd) | {arm} - '
                f'{base}, mean (min, max) | paired t p | Wilcoxon p |',
                '|---|---|---|---|---|---|']
-      for name in METRICS:
-        lines.append(paired_row(SHOWN[name], paired(wide[name][base],
-                                                    wide[name][arm])))
+      for name in (*METRICS, *TRUTH):
+        if name in at:
+          lines.append(paired_row(SHOWN[name], paired(wide[name][base],
+                                                      wide[name][arm])))
       sections.append('\n'.join(lines))
   tests = chunked_tests(rows, 'semixup')
   if tests:
