@@ -112,10 +112,10 @@ SCENARIO = {
     '--workdir=/runs/oarsi-sx50-fold0 '
     '--config.model.init=/weights/se_resnext50_32x4d-a260b3a4.pth '
     '--config.split.fold=0': 'help',
+    # Its smoke preset runs end to end in test_confidence_run.py and through
+    # benchmarks/reproduction/confidence.py in test_reproduction.py.
     'python -m koajax.main --config=configs/confidence.py:quick '
-    '--workdir=/tmp/koajax-confidence':
-        ['koajax.main', '--config=configs/confidence.py:smoke',
-         '--workdir={tmp}/koajax-confidence'],
+    '--workdir=/tmp/koajax-confidence': 'help',
     # The same run with the cross-entropy loss (a method field): trained in
     # benchmarks/reproduction/confidence.py, its loss tested in
     # test_hybrid_loss.py.
@@ -126,6 +126,17 @@ SCENARIO = {
     # test_presets.py.
     'python -m koajax.main --config=configs/confidence.py '
     '--workdir=/runs/confidence-paper': 'help',
+    # Coherence learning: its smoke preset runs end to end in
+    # test_coherence_run.py and, for the ablation's arms, through
+    # benchmarks/reproduction/coherence.py in test_reproduction.py; its
+    # paper split is made in test_presets.py.
+    'python -m koajax.main --config=configs/coherence.py:quick '
+    '--workdir=/tmp/koajax-coherence': 'help',
+    'python -m koajax.main --config=configs/coherence.py:quick '
+    '--workdir=/tmp/koajax-coherence-gap --config.model.kpn=False '
+    '--config.method_kwargs.coherence=False': 'help',
+    'python -m koajax.main --config=configs/coherence.py '
+    '--workdir=/runs/coherence-paper': 'help',
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',
