@@ -28,13 +28,12 @@ mean curves as a PNG.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from runs import REPO, against_truth, machine_line, paired, paired_row, train
+from runs import against_truth, arguments, machine_line, paired, paired_row, publish, results, train
 
 ACQUISITIONS = ('random', 'entropy', 'least_confidence', 'entropy_mcd',
                 'bald')
@@ -130,23 +129,15 @@ def curves_png(curves: pd.DataFrame, path: Path, title: str) -> Path:
   return path
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--preset', default='quick')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--acquisitions', default='random,entropy,bald',
-                      help='a subset of ' + ', '.join(ACQUISITIONS))
-  parser.add_argument('--consistency', default='false,true',
-                      help='without and/or with consistency regularisation')
-  parser.add_argument('--root', default=str(
-      Path.home() / '.cache' / 'koajax' / 'reproduction' / 'active_learning'),
-                      help='folder of the runs\' workdirs')
-  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
-                                           'reproduction'))
-  parser.add_argument('extra', nargs='*',
-                      help='more --config.FIELD=VALUE for every run')
-  args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
+def main() -> None:
+  def options(parser):
+    parser.add_argument('--acquisitions', default='random,entropy,bald',
+                        help='a subset of ' + ', '.join(ACQUISITIONS))
+    parser.add_argument('--consistency', default='false,true',
+                        help='without and/or with consistency '
+                        'regularisation')
+  args, parser = arguments('active_learning', __doc__.split('\n')[0],
+                           options)
   acquisitions = args.acquisitions.split(',')
   unknown = sorted(set(acquisitions) - set(ACQUISITIONS))
   if unknown:
@@ -158,30 +149,27 @@ def main(argv: list[str] | None = None) -> None:
                  f'{args.consistency!r}')
   consistency = [flags[v] for v in args.consistency.split(',')]
   rows, curves = [], []
-  for seed in seeds:  # alternating the arms spreads any drift of the host
+  for seed in args.seeds:  # alternating the arms spreads any drift
     for acquisition in acquisitions:
       for cr in consistency:
         row, curve = run(args.preset, acquisition, cr, seed,
-                         Path(args.root) / args.preset /
-                         f'{arm_name(acquisition, cr)}-seed{seed}', args.extra)
+                         args.workdirs / f'{arm_name(acquisition, cr)}-seed'
+                         f'{seed}', args.extra)
         rows.append(row)
         curves.append(curve)
   table, curves = pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  csv = out / f'active_learning_{args.preset}.csv'
-  table.to_csv(csv, index=False)
-  curves.to_csv(out / f'active_learning_{args.preset}_curves.csv', index=False)
-  png = curves_png(curves, out / f'active_learning_{args.preset}.png',
+  name = f'active_learning_{args.preset}'
+  out = results(args.out, name, table)
+  curves.to_csv(out / f'{name}_curves.csv', index=False)
+  png = curves_png(curves, out / f'{name}.png',
                    f'Active learning, test set, preset {args.preset}')
-  text = (f'# Active learning: acquisitions with and without consistency '
-          f'regularisation, preset {args.preset}, seeds {args.seeds}\n\n'
-          f'{machine_line()}\n\nTest set of every round; areas are the mean '
-          f'of the metric over the labeled range.\n\n{compare(table)}\n\n'
+  publish(out, name,
+          f'# Active learning: acquisitions with and without consistency '
+          f'regularisation, preset {args.preset}, seeds '
+          f'{",".join(map(str, args.seeds))}\n\n{machine_line()}\n\nTest '
+          f'set of every round; areas are the mean of the metric over the '
+          f'labeled range.\n\n{compare(table)}\n\n'
           f'![mean curves, seeds\' range shaded]({png.name})\n')
-  (out / f'active_learning_{args.preset}.md').write_text(text)
-  print(text)
-  print(f'raw results: {csv}')
 
 
 if __name__ == '__main__':

@@ -29,12 +29,11 @@ Markdown file beside it. On a GPU the same script runs the paper's preset
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import against_truth, arguments, estimate, machine_line, paired, paired_row, publish, report, results, seeds_png, train
 
 # arm -> (model.kpn, method_kwargs.coherence)
 ARMS = {'kpn-coh': (True, True), 'kpn': (True, False),
@@ -119,24 +118,14 @@ def compare(rows: pd.DataFrame) -> str:
   return '\n\n'.join(sections)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--preset', default='quick')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--fractions', default='1.0,0.2',
-                      help='label fractions; all four arms run at 1.0, '
-                      'kpn-coh and kpn at the others')
-  parser.add_argument('--arms', default=','.join(ARMS),
-                      help='a subset of ' + ', '.join(ARMS))
-  parser.add_argument('--root', default=str(
-      Path.home() / '.cache' / 'koajax' / 'reproduction' / 'coherence'),
-                      help='folder of the runs\' workdirs')
-  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
-                                           'reproduction'))
-  parser.add_argument('extra', nargs='*',
-                      help='more --config.FIELD=VALUE for every run')
-  args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
+def main() -> None:
+  def options(parser):
+    parser.add_argument('--fractions', default='1.0,0.2',
+                        help='label fractions; all four arms run at 1.0, '
+                        'kpn-coh and kpn at the others')
+    parser.add_argument('--arms', default=','.join(ARMS),
+                        help='a subset of ' + ', '.join(ARMS))
+  args, parser = arguments('coherence', __doc__.split('\n')[0], options)
   fractions = [float(f) for f in args.fractions.split(',')]
   chosen = args.arms.split(',')
   unknown = sorted(set(chosen) - set(ARMS))
@@ -144,31 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(f'unknown arm(s) {", ".join(unknown)}; the arms are '
                  f'{", ".join(ARMS)}')
   rows = []
-  for seed in seeds:  # alternating the arms spreads any drift of the host
+  for seed in args.seeds:  # alternating the arms spreads any drift
     for fraction in fractions:
       for arm in arms_of(fraction):
         if arm in chosen:
           rows.append(run(args.preset, arm, fraction, seed,
-                          Path(args.root) / args.preset /
-                          workdir_name(arm, fraction, seed), args.extra))
+                          args.workdirs / workdir_name(arm, fraction, seed),
+                          args.extra))
   table = pd.DataFrame(rows)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  csv = out / f'coherence_{args.preset}.csv'
-  table.to_csv(csv, index=False)
+  name = f'coherence_{args.preset}'
+  out = results(args.out, name, table)
   png = seeds_png(table, arm='arm', arms=list(ARMS), panel='label_fraction',
                   metrics={k: SHOWN[k] for k in ('kl_accuracy', 'kl_kappa',
                                                  'oarsi_accuracy',
                                                  'oarsi_kappa')},
-                  path=out / f'coherence_{args.preset}.png',
+                  path=out / f'{name}.png',
                   title=f'Coherence learning, test set, preset {args.preset}')
-  text = (f'# Coherence learning: KPN x incoherence loss, preset '
-          f'{args.preset}, seeds {args.seeds}\n\n{machine_line()}\n\n'
-          f'Test set of each run; metrics of the snapshot the run kept.\n\n'
-          f'{compare(table)}\n\n![each seed]({png.name})\n')
-  (out / f'coherence_{args.preset}.md').write_text(text)
-  print(text)
-  print(f'raw results: {csv}')
+  publish(out, name,
+          f'# Coherence learning: KPN x incoherence loss, preset '
+          f'{args.preset}, seeds {",".join(map(str, args.seeds))}\n\n'
+          f'{machine_line()}\n\nTest set of each run; metrics of the '
+          f'snapshot the run kept.\n\n{compare(table)}\n\n'
+          f'![each seed]({png.name})\n')
 
 
 if __name__ == '__main__':

@@ -19,12 +19,11 @@ beside it. On a GPU the same script runs the paper's preset
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import against_truth, arguments, estimate, machine_line, paired, paired_row, publish, report, results, seeds_png, train
 
 LOSSES = ('ce', 'hybrid')
 METRICS = ('accuracy', 'f1', 'recall_1', 'recall_0', 'roc_auc',
@@ -69,41 +68,25 @@ def compare(rows: pd.DataFrame) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--preset', default='quick')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--root', default=str(
-      Path.home() / '.cache' / 'koajax' / 'reproduction' / 'confidence'),
-                      help='folder of the runs\' workdirs')
-  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
-                                           'reproduction'))
-  parser.add_argument('extra', nargs='*',
-                      help='more --config.FIELD=VALUE for every run')
-  args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
+def main() -> None:
+  args, _ = arguments('confidence', __doc__.split('\n')[0])
   rows = []
-  for seed in seeds:  # alternating the losses spreads any drift of the host
+  for seed in args.seeds:  # alternating the losses spreads any drift
     for loss in LOSSES:
       rows.append(run(args.preset, loss, seed,
-                      Path(args.root) / args.preset / f'{loss}-seed{seed}',
-                      args.extra))
+                      args.workdirs / f'{loss}-seed{seed}', args.extra))
   table = pd.DataFrame(rows)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  csv = out / f'confidence_{args.preset}.csv'
-  table.to_csv(csv, index=False)
+  name = f'confidence_{args.preset}'
+  out = results(args.out, name, table)
   png = seeds_png(table, arm='loss', arms=list(LOSSES),
                   metrics={'accuracy': 'accuracy', 'f1': 'F1 (KL-2)',
                            'roc_auc': 'ROC AUC'},
-                  path=out / f'confidence_{args.preset}.png',
+                  path=out / f'{name}.png',
                   title=f'Hybrid loss vs CE, test set, preset {args.preset}')
-  text = (f'# Hybrid loss vs cross-entropy, preset {args.preset}, seeds '
-          f'{args.seeds}\n\n{machine_line()}\n\n{compare(table)}\n\n'
-          f'![each seed]({png.name})\n')
-  (out / f'confidence_{args.preset}.md').write_text(text)
-  print(text)
-  print(f'raw results: {csv}')
+  publish(out, name,
+          f'# Hybrid loss vs cross-entropy, preset {args.preset}, seeds '
+          f'{",".join(map(str, args.seeds))}\n\n{machine_line()}\n\n'
+          f'{compare(table)}\n\n![each seed]({png.name})\n')
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ read, not retrained; a workdir without one goes on from its last checkpoint
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -153,3 +154,42 @@ def seeds_png(rows: pd.DataFrame, *, arm: str, arms: list[str],
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   return path
+
+
+def arguments(paper: str, description: str,
+              extra: Any = None) -> tuple[argparse.Namespace, Any]:
+  """(parsed arguments, the parser) of a reproduction script: --preset,
+  --seeds, --root (the runs' workdirs, default
+  ~/.cache/koajax/reproduction/<paper>), --out and the trailing
+  --config.FIELD=VALUE for every run, plus what `extra(parser)` adds."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--preset', default='quick')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--root', default=str(
+      Path.home() / '.cache' / 'koajax' / 'reproduction' / paper),
+                      help='folder of the runs\' workdirs')
+  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
+                                           'reproduction'))
+  if extra is not None:
+    extra(parser)
+  parser.add_argument('extra', nargs='*',
+                      help='more --config.FIELD=VALUE for every run')
+  args = parser.parse_args()
+  args.seeds = [int(seed) for seed in args.seeds.split(',')]
+  args.workdirs = Path(args.root) / args.preset
+  return args, parser
+
+
+def results(out: str | Path, name: str, table: pd.DataFrame) -> Path:
+  """Writes the raw rows to `out`/<name>.csv; returns the folder."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  table.to_csv(out / f'{name}.csv', index=False)
+  return out
+
+
+def publish(out: Path, name: str, text: str) -> None:
+  """The comparison as `out`/<name>.md, printed too."""
+  (out / f'{name}.md').write_text(text)
+  print(text)
+  print(f'raw results: {out / name}.csv')

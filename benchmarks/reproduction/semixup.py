@@ -30,12 +30,11 @@ Markdown file beside it. On a GPU the same script runs the paper's preset
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from runs import REPO, against_truth, estimate, machine_line, paired, paired_row, report, seeds_png, train
+from runs import against_truth, arguments, estimate, machine_line, paired, paired_row, publish, report, results, seeds_png, train
 from koajax import cli
 from koajax.evaluation import compare
 
@@ -126,26 +125,16 @@ def compare_arms(rows: pd.DataFrame) -> str:
   return '\n\n'.join(sections)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--preset', default='quick')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--labels', default='25,50',
-                      help='labels per KL grade, one setting each')
-  parser.add_argument('--methods', default='supervised,semixup',
-                      help='a subset of ' + ', '.join(METHODS))
-  parser.add_argument('--ablation', action='store_true',
-                      help='also Semixup without each consistency term, at '
-                      'the first label setting')
-  parser.add_argument('--root', default=str(
-      Path.home() / '.cache' / 'koajax' / 'reproduction' / 'semixup'),
-                      help='folder of the runs\' workdirs')
-  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
-                                           'reproduction'))
-  parser.add_argument('extra', nargs='*',
-                      help='more --config.FIELD=VALUE for every run')
-  args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
+def main() -> None:
+  def options(parser):
+    parser.add_argument('--labels', default='25,50',
+                        help='labels per KL grade, one setting each')
+    parser.add_argument('--methods', default='supervised,semixup',
+                        help='a subset of ' + ', '.join(METHODS))
+    parser.add_argument('--ablation', action='store_true',
+                        help='also Semixup without each consistency term, '
+                        'at the first label setting')
+  args, parser = arguments('semixup', __doc__.split('\n')[0], options)
   settings = [int(n) for n in args.labels.split(',')]
   methods = args.methods.split(',')
   unknown = sorted(set(methods) - set(METHODS))
@@ -153,33 +142,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(f'unknown method(s) {", ".join(unknown)}; the methods are '
                  f'{", ".join(METHODS)}')
   rows = []
-  for seed in seeds:  # alternating the arms spreads any drift of the host
+  for seed in args.seeds:  # alternating the arms spreads any drift
     for labels in settings:
       arms = list(methods)
       if args.ablation and labels == settings[0]:
         arms += list(ABLATIONS)
       for arm in arms:
         rows.append(run(args.preset, arm, labels, seed,
-                        Path(args.root) / args.preset /
-                        f'{arm}-labels{labels}-seed{seed}', args.extra))
+                        args.workdirs / f'{arm}-labels{labels}-seed{seed}',
+                        args.extra))
   table = pd.DataFrame(rows)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  csv = out / f'semixup_{args.preset}.csv'
-  table.to_csv(csv, index=False)
+  name = f'semixup_{args.preset}'
+  out = results(args.out, name, table)
   png = seeds_png(table, arm='arm', arms=[*METHODS, *ABLATIONS],
                   panel='labels_per_grade',
                   metrics={k: SHOWN[k] for k in ('balanced_accuracy',
                                                  'kappa')},
-                  path=out / f'semixup_{args.preset}.png',
+                  path=out / f'{name}.png',
                   title=f'Semixup and SL, test set, preset {args.preset}')
-  text = (f'# Semixup against supervised learning, preset {args.preset}, '
-          f'seeds {args.seeds}\n\n{machine_line()}\n\nTest set of each run; '
-          f'metrics of the snapshot the run kept.\n\n{compare_arms(table)}'
-          f'\n\n![each seed]({png.name})\n')
-  (out / f'semixup_{args.preset}.md').write_text(text)
-  print(text)
-  print(f'raw results: {csv}')
+  publish(out, name,
+          f'# Semixup against supervised learning, preset {args.preset}, '
+          f'seeds {",".join(map(str, args.seeds))}\n\n{machine_line()}\n\n'
+          f'Test set of each run; metrics of the snapshot the run kept.\n\n'
+          f'{compare_arms(table)}\n\n![each seed]({png.name})\n')
 
 
 if __name__ == '__main__':
