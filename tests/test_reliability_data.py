@@ -460,6 +460,14 @@ def test_kill_9_during_build_then_rerun(data, tmp_path, identities):
     np.testing.assert_array_equal(a[i]['keypoints'], b[i]['keypoints'])
 
 
+def _ctrl_c_as_at_a_terminal():
+  """Ctrl-C's default action in the child. A process started in the
+  background of a non-interactive shell (`pytest ... &`) ignores SIGINT, and
+  so would every command it starts: koajax keeps a disposition it finds, as
+  a background job should."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize('program', ['koajax.data.build',
                                      'koajax.data.synthetic'])
 def test_ctrl_c_leaves_the_folder_as_it_was(program, data, tmp_path):
@@ -470,17 +478,18 @@ def test_ctrl_c_leaves_the_folder_as_it_was(program, data, tmp_path):
             '--workers=1']
   else:
     args = ['--num_subjects=2', '--seed=5', '--workers=1']
-  # The command takes a second; on a busy machine this test may not get the
-  # CPU back before it is done, and a finished command has nothing left to
-  # interrupt. Such an attempt must leave nothing partial behind; the next
-  # one starts from the old folder again.
+  # The command takes under a second; on a busy machine this test may not
+  # get the CPU back before it is done, and a finished command has nothing
+  # left to interrupt. Such an attempt must leave nothing partial behind;
+  # the next one starts from the old folder again.
   for _ in range(3):
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(old, out)
     before = file_hashes(out)
     proc = subprocess.Popen([sys.executable, '-m', program, f'--out={out}',
                              *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=_env(tmp_path))
+                            stdout=subprocess.DEVNULL, env=_env(tmp_path),
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
     assert _stop_when(proc,
                       lambda pid: atomic.partial_path(out, pid).is_dir(),
                       sig=signal.SIGINT)
