@@ -320,6 +320,7 @@ def main(argv):
          'unlabeled_batch_size': _BATCH.value, 'size': _SIZE.value,
          'dtype': _DTYPE.value, 'mesh_devices': ours.mesh.size,
          'koajax_compile_s': ours.compile_s,
+         'koajax_flops': ours.flops,
          **{f'{name}_step_s': t for name, t in times.items()},
          'koajax_includes': (
              'koajax.train.step.train_step, method coherence: uint8 views and '

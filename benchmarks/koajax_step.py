@@ -8,10 +8,22 @@ import time
 from typing import Any
 
 
+def step_flops(compiled, devices: int) -> float | None:
+  """XLA's floating-point operation count of a compiled program, summed
+  over the `devices` that each run their partition of it."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) * devices if flops else None
+
+
 class CompiledStep:
   """`koajax.train.step.train_step` of `config`'s model and `method` on
   `make_batch(data_sharding)`, replicated state, compiled ahead of time
-  (`compile_s`); calling it runs one step and waits for it."""
+  (`compile_s`); calling it runs one step and waits for it. `flops` is
+  XLA's count of the floating-point operations of one step over the whole
+  mesh (None where the backend gives no cost analysis)."""
 
   def __init__(self, config, task, method, make_batch, *, batch_size: int,
                method_state: Any = None):
@@ -37,6 +49,7 @@ class CompiledStep:
       self.compiled = step.lower(self.state, self.batch, self.key,
                                  self.steps_per_epoch).compile()
     self.compile_s = time.perf_counter() - start
+    self.flops = step_flops(self.compiled, self.mesh.size)
     self._block = jax.block_until_ready
 
   def __call__(self) -> None:

@@ -41,7 +41,8 @@ def summary() -> str:
   import os
   import jax
   return (f'{cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} '
-          f'({jax.default_backend()}, {jax.device_count()} devices)')
+          f'({jax.default_backend()}, {jax.device_count()} devices: '
+          f'{jax.devices()[0].device_kind})')
 
 
 def write_json(path: str | None, results: list) -> None:
@@ -54,6 +55,7 @@ def write_json(path: str | None, results: list) -> None:
   with open(path, 'w') as f:
     json.dump({'cpu': cpu_name(), 'cores': os.cpu_count(),
                'jax': jax.__version__, 'backend': jax.default_backend(),
+               'device': jax.devices()[0].device_kind,
                'results': results}, f, indent=1)
 
 

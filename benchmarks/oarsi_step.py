@@ -166,6 +166,7 @@ def main(argv):
     row = {'network': network, 'batch_size': _BATCH.value,
            'size': _SIZE.value, 'dtype': _DTYPE.value,
            'mesh_devices': ours.mesh.size, 'koajax_compile_s': ours.compile_s,
+           'koajax_flops': ours.flops,
            **{f'{name}_step_s': t for name, t in times.items()}}
     if _TORCH.value:
       import timm

@@ -14,13 +14,15 @@ Run:
   python benchmarks/pipeline_throughput.py --cache=/data/oai_cache
 
 Without --cache, a temporary cache of --num_knees random 400 px ROIs is built
-first (about 160 kB per knee). Results print as Markdown tables.
+first (about 160 kB per knee). Results print as Markdown tables and go to
+--out as JSON.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -50,6 +52,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats.')
 _AUG_BATCHES = flags.DEFINE_list('aug_batch_sizes', ['32', '256'],
                                  'Batch sizes for the augmentation timing.')
 _AUG_CALLS = flags.DEFINE_integer('aug_calls', 10, 'Timed calls per repeat.')
+_OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 
 def build_synthetic_cache(directory: str, num_knees: int,
@@ -118,7 +121,7 @@ def time_jitted(fn: Callable, make_args: Callable[[int], tuple],
   return compile_s, rates
 
 
-def augmentation_rows() -> Iterator[str]:
+def augmentation_rows() -> Iterator[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -136,8 +139,8 @@ def augmentation_rows() -> Iterator[str]:
   for name, fn, size in [('semixup', semixup, 128), ('jitter', jitter, 320)]:
     for batch in map(int, _AUG_BATCHES.value):
       compile_s, rates = time_jitted(fn, images(size, batch), batch)
-      yield (f'| {name} (B, {size}, {size}) | {batch} | {_summary(rates)} | '
-             f'{compile_s:.1f} |')
+      yield {'augmentation': name, 'size': size, 'batch_size': batch,
+             'images_per_s': rates, 'compile_s': compile_s}
 
 
 def load() -> str:
@@ -159,6 +162,11 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   print(f'# {time.strftime("%Y-%m-%d")}, {machine()}, jax {jax.__version__}, '
         f'{jax.devices()[0].platform}, {load()}')
+  results = {'date': time.strftime('%Y-%m-%d'), 'machine': machine(),
+             'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+             'backend': jax.default_backend(),
+             'device': jax.devices()[0].device_kind,
+             'batch_size': _BATCH.value, 'pipeline': [], 'augmentation': []}
   with tempfile.TemporaryDirectory() as tmp:
     if _CACHE.value:
       cache = cache_lib.open_cache(_CACHE.value)
@@ -175,14 +183,22 @@ def main(argv: list[str]) -> None:
     for workers in map(int, _WORKERS.value):
       first, rates = time_pipeline(cache, workers)
       print(f'| {workers} | {_summary(rates)} | {first:.1f} |', flush=True)
+      results['pipeline'].append({'workers': workers, 'first_batch_s': first,
+                                  'knees_per_s': rates})
 
   print(f'\n{_AUG_CALLS.value} calls x {_REPEATS.value} repeats, '
         'block_until_ready\n')
   print('| augmentation | batch | images/s (mean ± sd) | compile (s) |')
   print('|---|---|---|---|')
   for row in augmentation_rows():
-    print(row, flush=True)
+    print(f"| {row['augmentation']} (B, {row['size']}, {row['size']}) | "
+          f"{row['batch_size']} | {_summary(row['images_per_s'])} | "
+          f"{row['compile_s']:.1f} |", flush=True)
+    results['augmentation'].append(row)
   print(f'\nfinished at {load()}')
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':

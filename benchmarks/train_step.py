@@ -17,9 +17,17 @@ Run (CPU):
   pip install -e '.[bench]'
   python benchmarks/train_step.py                      # SL and Semixup
   python benchmarks/train_step.py --methods=supervised --cpu_devices=8
+  # on a GPU (benchmarks/gpu.sh): both batch sizes, both precisions, and
+  # torch.compile as the stronger PyTorch peer
+  python benchmarks/train_step.py --batch_size=32,256 \
+      --dtype=float32,bfloat16 --compile
 
 On a GPU host both sides run on the GPU (PyTorch on cuda unless
 --torch_device says otherwise); timing waits for each step to finish.
+bfloat16 is koajax's `model.dtype` (bf16 convolutions, float32 parameters
+and optimiser) against PyTorch's bf16 autocast. Each row also has XLA's
+floating-point operation count of the koajax step (`koajax_flops`), from
+which benchmarks/gpu_report.py computes the share of the device's peak.
 
 Results print as a Markdown table and go to --out as JSON.
 """
@@ -28,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -36,12 +43,15 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from machine import summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
+from machine import step_rates, summary, time_steps, torch_device, write_json  # noqa: E402  (benchmarks/machine.py)
 from koajax_step import CompiledStep  # noqa: E402
 
 _METHODS = flags.DEFINE_list('methods', ['supervised', 'semixup'],
                              'Methods to time.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Labeled knees per step.')
+_BATCH = flags.DEFINE_list('batch_size', ['32'],
+                          'Labeled knees per step; one row per size.')
+_DTYPE = flags.DEFINE_list('dtype', ['float32'],
+                          'Compute precisions (float32, bfloat16).')
 _WIDTH = flags.DEFINE_integer('width', 32, 'Network width (paper: 32).')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternated rounds.')
@@ -49,12 +59,15 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 32, 'CPU devices for koajax (koajax.runtime); the mesh '
     'uses the largest count dividing the batch.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference.')
+_COMPILE = flags.DEFINE_bool('compile', False,
+                             'Also time the PyTorch step under torch.compile.')
 _TORCH_DEVICE = flags.DEFINE_string(
     'torch_device', 'auto', "PyTorch's device; auto: cuda when available.")
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 
-def koajax_step(method: str, batch_size: int, width: int) -> CompiledStep:
+def koajax_step(method: str, batch_size: int, width: int,
+                dtype: str) -> CompiledStep:
   """The trainer's step for `method` on random uint8 knees, compiled once."""
   import jax
   import numpy as np
@@ -65,6 +78,7 @@ def koajax_step(method: str, batch_size: int, width: int) -> CompiledStep:
           os.path.abspath(__file__))), 'configs', 'semixup.py'))
   config = semixup.family_config(method, None)
   config.model.width = width
+  config.model.dtype = dtype
   config.batch_size = batch_size
   task = tasks.from_config(config)
   method_obj = methods.from_config(config, task)
@@ -78,22 +92,66 @@ def koajax_step(method: str, batch_size: int, width: int) -> CompiledStep:
               'labels': {'kl': jax.device_put(kl, data)}}
     return {name: knees() for name in method_obj.streams}
 
-  return CompiledStep(config, task, method_obj, make_batch,
+  step = CompiledStep(config, task, method_obj, make_batch,
                       batch_size=batch_size)
+  # What the input pipeline must deliver per step: every stream's knees.
+  step.knees_per_step = batch_size * len(method_obj.streams)
+  return step
 
 
 class TorchStep:
+  """The reference step, eager or under torch.compile, with bf16 autocast
+  for --dtype=bfloat16."""
 
-  def __init__(self, method: str, batch_size: int, width: int, device: str):
+  def __init__(self, method: str, batch_size: int, width: int, dtype: str,
+               device: str, compile_step: bool = False):
+    import torch
     import torch_reference
     self.step = torch_reference.Step(method, width, device=device)
     self.batch = torch_reference.make_batch(method, batch_size, device=device)
+    self.autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16,
+                                   enabled=dtype == 'bfloat16')
+    self.loss = (torch.compile(self.step.loss) if compile_step
+                 else self.step.loss)
     start = time.perf_counter()
-    self.step(self.batch)
+    self()
     self.first_step_s = time.perf_counter() - start
 
+  def _autocast_loss(self, net, batch):
+    with self.autocast:  # the forward only; backward follows its dtypes
+      return self.loss(net, batch)
+
   def __call__(self) -> None:
-    self.step(self.batch)
+    self.step(self.batch, loss=self._autocast_loss)
+
+
+def time_row(method: str, batch_size: int, dtype: str,
+             device: str | None) -> dict:
+  """One result row: every side's step times, alternated over rounds."""
+  ours = koajax_step(method, batch_size, _WIDTH.value, dtype)
+  sides = {'koajax': ours}
+  if device is not None:
+    sides['torch'] = TorchStep(method, batch_size, _WIDTH.value, dtype, device)
+    if _COMPILE.value:
+      sides['torch_compile'] = TorchStep(method, batch_size, _WIDTH.value,
+                                         dtype, device, compile_step=True)
+  times = {name: [] for name in sides}
+  for _ in range(_ROUNDS.value):
+    for name, step in sides.items():
+      times[name] += time_steps(step, _STEPS.value)
+  row = {'method': method, 'batch_size': batch_size, 'dtype': dtype,
+         'width': _WIDTH.value, 'mesh_devices': ours.mesh.size,
+         'knees_per_step': ours.knees_per_step,
+         'koajax_compile_s': ours.compile_s, 'koajax_flops': ours.flops,
+         **{f'{name}_step_s': t for name, t in times.items()}}
+  if device is not None:
+    import torch
+    row.update(torch_first_call_s=sides['torch'].first_step_s,
+               torch_version=torch.__version__, torch_device=device,
+               torch_threads=torch.get_num_threads())
+    if 'torch_compile' in sides:
+      row['torch_compile_first_call_s'] = sides['torch_compile'].first_step_s
+  return row
 
 
 def main(argv):
@@ -102,43 +160,32 @@ def main(argv):
   runtime.configure_cpu_devices(_CPU_DEVICES.value)
 
   results = []
+  device = torch_device(_TORCH_DEVICE.value) if _TORCH.value else None
   for method in _METHODS.value:
-    ours = koajax_step(method, _BATCH.value, _WIDTH.value)
-    ref = (TorchStep(method, _BATCH.value, _WIDTH.value, torch_device(_TORCH_DEVICE.value))
-           if _TORCH.value else None)
-    times = {'koajax': [], 'torch': []}
-    for _ in range(_ROUNDS.value):
-      times['koajax'] += time_steps(ours, _STEPS.value)
-      if ref is not None:
-        times['torch'] += time_steps(ref, _STEPS.value)
-    row = {'method': method, 'batch_size': _BATCH.value,
-           'width': _WIDTH.value, 'mesh_devices': ours.mesh.size,
-           'koajax_compile_s': ours.compile_s,
-           'koajax_step_s': times['koajax']}
-    if ref is not None:
-      import torch
-      row.update(torch_first_step_s=ref.first_step_s,
-                 torch_step_s=times['torch'], torch_version=torch.__version__,
-                 torch_device=torch_device(_TORCH_DEVICE.value),
-                 torch_threads=torch.get_num_threads())
-    results.append(row)
-    print(json.dumps(row), flush=True)
+    for batch_size in map(int, _BATCH.value):
+      for dtype in _DTYPE.value:
+        results.append(time_row(method, batch_size, dtype, device))
+        print(json.dumps(results[-1]), flush=True)
 
   print(f'\n{summary()}\n')
-  print('| step | batch | koajax s/step | koajax knees/s | koajax compile s '
-        '| PyTorch s/step | PyTorch knees/s | koajax / PyTorch |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('| step | batch | dtype | koajax s/step | koajax knees/s | koajax '
+        'compile s | PyTorch s/step | PyTorch knees/s | koajax / PyTorch '
+        '| torch.compile knees/s |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for r in results:
-    ours = statistics.median(r['koajax_step_s'])
-    line = (f"| {r['method']} | {r['batch_size']} | {ours:.2f} "
-            f"| {r['batch_size'] / ours:.2f} | {r['koajax_compile_s']:.1f} ")
-    if 'torch_step_s' in r:
-      theirs = statistics.median(r['torch_step_s'])
-      line += (f"| {theirs:.2f} | {r['batch_size'] / theirs:.2f} "
-               f"| {theirs / ours:.2f}x |")
+    rate = step_rates(r)
+    cells = [r['method'], r['batch_size'], r['dtype'],
+             f"{r['batch_size'] / rate['koajax']:.3f}", f"{rate['koajax']:.2f}",
+             f"{r['koajax_compile_s']:.1f}"]
+    if 'torch' in rate:
+      cells += [f"{r['batch_size'] / rate['torch']:.3f}",
+                f"{rate['torch']:.2f}",
+                f"{rate['koajax'] / rate['torch']:.2f}x"]
     else:
-      line += '| | | |'
-    print(line)
+      cells += ['', '', '']
+    cells.append(f"{rate['torch_compile']:.2f}" if 'torch_compile' in rate
+                 else '')
+    print('| ' + ' | '.join(map(str, cells)) + ' |')
   write_json(_OUT.value, results)
 
 

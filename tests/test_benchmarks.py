@@ -10,9 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# train_step.py runs in tests/test_gpu_script.py (benchmarks/gpu.sh --dry).
 @pytest.mark.parametrize('script,args,row_start', [
-    ('train_step.py', ['--methods=supervised', '--batch_size=4', '--width=4',
-                       '--torch=false'], '| supervised | 4 |'),
     ('oarsi_step.py', ['--networks=resnet18', '--batch_size=4', '--size=32'],
      '| resnet18 | 4 | 32 | float32 |'),
     ('confidence_step.py', ['--losses=hybrid', '--batch_size=4', '--size=32'],
