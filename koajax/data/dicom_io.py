@@ -13,6 +13,19 @@ can quote them. Every failure raises `InputError` whose `reason` says what is
 wrong in words a user can act on, and whose `kind` is a short category for
 counting.
 
+Modality: projection radiographs (CR, DX, RG, and DR as some vendors write
+it) are read; OT (digitised film, secondary capture) and files without a
+Modality are read too, since older archives label scanned films that way.
+Any other modality (MR, CT, US, NM, MG, ...) is refused with its name.
+
+Compressed pixel data (JPEG baseline, extended and lossless, JPEG-LS, JPEG
+2000, RLE) is decoded by pydicom's pixel-data plugins: GDCM (python-gdcm)
+for the JPEG family and JPEG 2000, pydicom itself for RLE. GDCM is one
+BSD-licensed wheel that covers every syntax hospitals use; pylibjpeg would
+need pylibjpeg-libjpeg (GPL-3.0) for lossless JPEG and JPEG-LS. What GDCM
+cannot decode through pydicom (12-bit JPEG Extended) is refused with a hint
+to install pylibjpeg's plugins, which pydicom then uses by itself.
+
 Spacing: ImagerPixelSpacing (spacing at the detector) is preferred, and
 PixelSpacing is the fallback. OAI and MOST carry ImagerPixelSpacing, and the
 published 140 mm ROI was measured in it; PixelSpacing, when a site calibrates
@@ -44,8 +57,11 @@ _TAGS = (
     'PlanarConfiguration', 'NumberOfFrames', 'RescaleSlope',
     'RescaleIntercept', 'RescaleType', 'ModalityLUTSequence',
     'ImagerPixelSpacing', 'PixelSpacing', 'ExtendedOffsetTable',
-    'ExtendedOffsetTableLengths', 'PixelData',
+    'ExtendedOffsetTableLengths', 'Modality', 'PixelData',
 )
+# Projection radiography (DICOM CID 29, and DR as some vendors write it),
+# plus OT for digitised films; a file without Modality is read too.
+RADIOGRAPH_MODALITIES = ('CR', 'DX', 'RG', 'DR', 'OT')
 # Spacing elements in order of preference (see the module docstring).
 SPACING_TAGS = ('ImagerPixelSpacing', 'PixelSpacing')
 # Anything outside this is a unit or encoding error, not a radiograph.
@@ -53,9 +69,9 @@ _SPACING_RANGE_MM = (1e-3, 10.0)
 
 _DECOMPRESS_HINT = (
     'decompress it first (e.g. `gdcmconv --raw IN OUT` or '
-    '`dcmdjpeg`/`dcmdjp2k` from DCMTK), or install a pydicom pixel-data '
-    'plugin for it (`pip install pylibjpeg pylibjpeg-libjpeg '
-    'pylibjpeg-openjpeg` or `pip install python-gdcm`)')
+    '`dcmdjpeg`/`dcmdjp2k` from DCMTK), or install pylibjpeg\'s plugins '
+    '(`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`), which '
+    'also decode what GDCM does not (12-bit JPEG Extended)')
 
 
 class InputError(Exception):
@@ -101,6 +117,7 @@ def read_radiograph(
       raise InputError(
           path, 'no pixel data (the file is truncated or is not an image)',
           'no_pixel_data')
+    _check_modality(ds, path)
     spacing = _spacing(ds, path)
     image = _pixels(ds, path)
   return image, spacing
@@ -165,6 +182,15 @@ def _dcmread(path: Path, force: bool) -> pydicom.Dataset:
     raise InputError(
         path, f'corrupt or truncated DICOM header ({type(e).__name__})',
         'truncated') from None
+
+
+def _check_modality(ds: pydicom.Dataset, path: Path) -> None:
+  modality = str(ds.get('Modality') or '').strip().upper()
+  if modality and modality not in RADIOGRAPH_MODALITIES:
+    raise InputError(
+        path, f'modality {modality[:16]} is not a projection radiograph '
+        f'(expected one of {", ".join(RADIOGRAPH_MODALITIES)})',
+        'not_radiograph')
 
 
 def _spacing(ds: pydicom.Dataset, path: Path) -> tuple[float, float]:
