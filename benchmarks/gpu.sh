@@ -34,7 +34,9 @@ stage() {  # stage NAME COMMAND...: runs one benchmark, its log in OUT
 }
 
 if (( dry )); then
-  # One CPU device, tiny networks and batches, the PyTorch sides off.
+  # One CPU device, tiny networks and batches, the PyTorch sides off. The
+  # method steps' sizes are tests/test_benchmarks.py's, so under the tests'
+  # compilation cache they compile once.
   export JAX_PLATFORMS=cpu
   steps=(--steps=1 --rounds=1 --torch=false --cpu_devices=1)
   stage train_step_b2 "$py" benchmarks/train_step.py "${steps[@]}" \
@@ -47,9 +49,9 @@ if (( dry )); then
       --roi_px=160 --batch_size=4 --workers=0,1 --warmup=1 --batches=2 \
       --repeats=1 --aug_batch_sizes=2 --aug_calls=1 --out="$out/pipeline.json"
   stage oarsi_step "$py" benchmarks/oarsi_step.py "${steps[@]}" \
-      --networks=resnet18 --batch_size=2 --size=32 --out="$out/oarsi_step.json"
+      --networks=resnet18 --batch_size=4 --size=32 --out="$out/oarsi_step.json"
   stage confidence_step "$py" benchmarks/confidence_step.py "${steps[@]}" \
-      --losses=hybrid --batch_size=2 --size=32 --out="$out/confidence_step.json"
+      --losses=hybrid --batch_size=4 --size=32 --out="$out/confidence_step.json"
   stage coherence_step "$py" benchmarks/coherence_step.py "${steps[@]}" \
       --backbone=resnet18 --batch_size=2 --size=64 \
       --out="$out/coherence_step.json"

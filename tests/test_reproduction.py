@@ -74,3 +74,30 @@ def test_script_runs_at_smoke_size_and_resumes(script, tmp_path, data_dir):
   reread = pd.read_csv(tmp_path / 'out' / f'{script}_smoke.csv')
   pd.testing.assert_frame_equal(reread.drop(columns='train_seconds'),
                                 rows.drop(columns='train_seconds'))
+
+
+def test_oarsi_script_ensembles_each_pair_of_folds(tmp_path, data_dir):
+  # Two folds (the smoke preset's), so one pair: two runs and an ensemble.
+  result = _run('oarsi', ['--seeds=0,1'], tmp_path, data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(_trained(result.stdout)) == 2
+  rows = pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv')
+  assert rows['arm'].tolist() == ['single', 'single', 'ensemble of 2']
+  assert rows['members'].tolist() == ['fold0', 'fold1', 'fold0+fold1']
+  for name in ('kl_kappa', 'mean_kappa', 'jsn_m_balanced_accuracy',
+               'kl_accuracy_truth'):
+    assert np.isfinite(rows[name]).all(), name
+  # The ensemble is koajax.evaluate's (its averaging is tested with the
+  # predictor), on the first member's test knees.
+  ensemble = pd.read_csv(Path(rows['workdir'][2]) / 'predictions.csv')
+  first = pd.read_csv(Path(rows['workdir'][0]) / 'predictions.csv')
+  assert ensemble['knee_id'].tolist() == first['knee_id'].tolist()
+  table = (tmp_path / 'out' / 'oarsi_smoke.md').read_text()
+  assert 'ensemble - members mean' in table and 'Machine:' in table
+
+  again = _run('oarsi', ['--seeds=0,1'], tmp_path, data_dir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert not _trained(again.stdout)
+  pd.testing.assert_frame_equal(
+      pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv').drop(
+          columns='train_seconds'), rows.drop(columns='train_seconds'))

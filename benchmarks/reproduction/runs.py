@@ -51,8 +51,10 @@ def report(workdir: Path) -> dict[str, Any]:
   return json.loads((workdir / 'metrics.json').read_text())
 
 
-def against_truth(workdir: Path) -> dict[str, float]:
-  """Accuracy and quadratic kappa of a run's test predictions against the
+def against_truth(workdir: Path,
+                  predictions_csv: Path | None = None) -> dict[str, float]:
+  """Accuracy and quadratic kappa of a run's test predictions (or of
+  `predictions_csv`, an evaluation of the run, e.g. an ensemble) against the
   synthetic generator's noise-free grades (raw/truth.csv), per head:
   <head>_accuracy_truth, <head>_kappa_truth and <head>_knees_truth (the
   knees the task takes by their true grades, e.g. true KL 0 or 2 for KL-0
@@ -72,7 +74,8 @@ def against_truth(workdir: Path) -> dict[str, float]:
                       'truth.csv', dtype={'subject_id': str})
   truth.index = [schema.knee_id(s, v, d) for s, v, d in
                  zip(truth['subject_id'], truth['visit'], truth['side'])]
-  frame, _, probs = predictions.read_heads(workdir / 'predictions.csv')
+  frame, _, probs = predictions.read_heads(
+      predictions_csv or workdir / 'predictions.csv')
   task = tasks.from_config(config)
   true = task.index_labels(truth.loc[frame['knee_id']])
   out = {}
