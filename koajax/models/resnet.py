@@ -180,6 +180,9 @@ class Block(nnx.Module):
 class ResNet(nnx.Module):
   """A ResNet-family classifier with one GAP -> dropout -> linear per head."""
 
+  # Subclasses that predict something else (landmarks) take no class heads.
+  needs_heads = True
+
   def __init__(self, *, stage_sizes: Sequence[int], bottleneck: bool,
                groups: int = 1, base_width: int = 64, se: bool = False,
                flavour: Flavour = 'timm', dropout: float = 0.0,
@@ -188,7 +191,7 @@ class ResNet(nnx.Module):
     if flavour not in ('timm', 'legacy'):
       raise ValueError(f"model.flavour must be 'timm' or 'legacy'; got "
                        f'{flavour!r}')
-    if not heads:
+    if not heads and self.needs_heads:
       raise ValueError('a model needs at least one head')
     dtype = jnp.dtype(dtype)
     self.in_channels = in_channels
