@@ -1,7 +1,8 @@
 """Every reproduction script of benchmarks/reproduction/ runs end to end at
-smoke size (tiny data, one seed, the configs' smoke presets), writes one CSV
-row per run and its comparison, and a second call reads the finished runs
-instead of training them again."""
+smoke size (tiny data, one seed, the configs' smoke presets) and writes one
+CSV row per run and its comparison; a second call reads the finished runs
+instead of training them again (`runs.train`, which every script shares:
+checked for two of them)."""
 
 import os
 from pathlib import Path
@@ -68,17 +69,20 @@ def test_script_runs_at_smoke_size_and_resumes(script, tmp_path, data_dir):
   png = tmp_path / 'out' / f'{script}_smoke.png'
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.name in table
 
-  again = _run(script, args, tmp_path, data_dir)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert not _trained(again.stdout)
-  reread = pd.read_csv(tmp_path / 'out' / f'{script}_smoke.csv')
-  pd.testing.assert_frame_equal(reread.drop(columns='train_seconds'),
-                                rows.drop(columns='train_seconds'))
+  if script == 'confidence':
+    again = _run(script, args, tmp_path, data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not _trained(again.stdout)
+    reread = pd.read_csv(tmp_path / 'out' / f'{script}_smoke.csv')
+    pd.testing.assert_frame_equal(reread.drop(columns='train_seconds'),
+                                  rows.drop(columns='train_seconds'))
 
 
 def test_oarsi_script_ensembles_each_pair_of_folds(tmp_path, data_dir):
-  # Two folds (the smoke preset's), so one pair: two runs and an ensemble.
-  result = _run('oarsi', ['--seeds=0,1'], tmp_path, data_dir)
+  # Two folds (the smoke preset's), so one pair: two runs of one epoch and
+  # their ensemble.
+  args = ['--seeds=0,1', '--config.num_epochs=1']
+  result = _run('oarsi', args, tmp_path, data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(_trained(result.stdout)) == 2
   rows = pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv')
@@ -95,7 +99,7 @@ def test_oarsi_script_ensembles_each_pair_of_folds(tmp_path, data_dir):
   table = (tmp_path / 'out' / 'oarsi_smoke.md').read_text()
   assert 'ensemble - members mean' in table and 'Machine:' in table
 
-  again = _run('oarsi', ['--seeds=0,1'], tmp_path, data_dir)
+  again = _run('oarsi', args, tmp_path, data_dir)
   assert again.returncode == 0, again.stderr[-3000:]
   assert not _trained(again.stdout)
   pd.testing.assert_frame_equal(

@@ -177,7 +177,14 @@ def arguments(paper: str, description: str,
     extra(parser)
   parser.add_argument('extra', nargs='*',
                       help='more --config.FIELD=VALUE for every run')
-  args = parser.parse_args()
+  args, unknown = parser.parse_known_args()
+  # --config.FIELD=VALUE go to every run as they are; anything else is a
+  # mistake the parser names.
+  fields = [a for a in unknown if a.startswith('--config.')]
+  if len(fields) < len(unknown):
+    parser.error('unrecognized arguments: ' + ' '.join(
+        a for a in unknown if not a.startswith('--config.')))
+  args.extra = [*args.extra, *fields]
   args.seeds = [int(seed) for seed in args.seeds.split(',')]
   args.workdirs = Path(args.root) / args.preset
   return args, parser
