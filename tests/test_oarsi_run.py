@@ -3,7 +3,11 @@ every head against scikit-learn, an ensemble over two backbones and two
 folds, and out-of-fold reports."""
 
 import json
+import os
 from pathlib import Path
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -19,6 +23,7 @@ from config_loader import smoke_config
 import sklearn_reference
 
 TASK = tasks.get('kl_oarsi')
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -120,3 +125,39 @@ def test_folds_report_their_out_of_fold_predictions_together(runs, tmp_path):
   with pytest.raises(ValueError, match='validate on the same knees'):
     evaluate.evaluate([folds[0], folds[0]], out=tmp_path / 'x',
                       out_of_fold=True)
+
+
+def test_the_reproduction_script_ensembles_each_pair_of_folds(runs,
+                                                                tmp_path):
+  """benchmarks/reproduction/oarsi.py on this module's two ResNet-18 folds,
+  placed where it keeps its runs: it trains nothing (a finished run is
+  read; the training path is every reproduction script's, tested in
+  test_reproduction.py), evaluates the pair as an ensemble and compares."""
+  root = tmp_path / 'runs'
+  for fold in (0, 1):
+    shutil.copytree(runs['resnet18', fold], root / 'smoke' / f'fold{fold}')
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'benchmarks' / 'reproduction' / 'oarsi.py'),
+       '--preset=smoke', '--seeds=0,1', f'--root={root}',
+       f'--out={tmp_path / "out"}'],
+      cwd=REPO, env={**os.environ, 'KOAJAX_VERBOSE': '1'},
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'training ' not in result.stdout
+  rows = pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv')
+  assert rows['arm'].tolist() == ['single', 'single', 'ensemble of 2']
+  assert rows['members'].tolist() == ['fold0', 'fold1', 'fold0+fold1']
+  for name in ('kl_kappa', 'mean_kappa', 'jsn_m_balanced_accuracy',
+               'kl_accuracy_truth'):
+    assert np.isfinite(rows[name]).all(), name
+  # Each row's KL kappa is its report's.
+  for workdir, kappa in zip(rows['workdir'], rows['kl_kappa']):
+    report = json.loads((Path(workdir) / 'metrics.json').read_text())
+    assert kappa == report['heads']['kl']['metrics']['kappa']['estimate']
+  ensemble = pd.read_csv(Path(rows['workdir'][2]) / 'predictions.csv')
+  first = pd.read_csv(Path(rows['workdir'][0]) / 'predictions.csv')
+  assert ensemble['knee_id'].tolist() == first['knee_id'].tolist()
+  table = (tmp_path / 'out' / 'oarsi_smoke.md').read_text()
+  assert 'ensemble - members mean' in table and 'Machine:' in table
+  # Folds without a held-out site test on their own validation knees.
+  assert 'tested on different knees' in table

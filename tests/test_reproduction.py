@@ -1,6 +1,7 @@
 """Every reproduction script of benchmarks/reproduction/ runs end to end at
 smoke size (tiny data, one seed, the configs' smoke presets) and writes one
-CSV row per run and its comparison; a second call reads the finished runs
+CSV row per run and its comparison (oarsi.py in test_oarsi_run.py, on that
+module's trained runs); a second call reads the finished runs
 instead of training them again (`runs.train`, which every script shares:
 checked for two of them)."""
 
@@ -77,31 +78,3 @@ def test_script_runs_at_smoke_size_and_resumes(script, tmp_path, data_dir):
     pd.testing.assert_frame_equal(reread.drop(columns='train_seconds'),
                                   rows.drop(columns='train_seconds'))
 
-
-def test_oarsi_script_ensembles_each_pair_of_folds(tmp_path, data_dir):
-  # Two folds (the smoke preset's), so one pair: two runs of one epoch and
-  # their ensemble.
-  args = ['--seeds=0,1', '--config.num_epochs=1']
-  result = _run('oarsi', args, tmp_path, data_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert len(_trained(result.stdout)) == 2
-  rows = pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv')
-  assert rows['arm'].tolist() == ['single', 'single', 'ensemble of 2']
-  assert rows['members'].tolist() == ['fold0', 'fold1', 'fold0+fold1']
-  for name in ('kl_kappa', 'mean_kappa', 'jsn_m_balanced_accuracy',
-               'kl_accuracy_truth'):
-    assert np.isfinite(rows[name]).all(), name
-  # The ensemble is koajax.evaluate's (its averaging is tested with the
-  # predictor), on the first member's test knees.
-  ensemble = pd.read_csv(Path(rows['workdir'][2]) / 'predictions.csv')
-  first = pd.read_csv(Path(rows['workdir'][0]) / 'predictions.csv')
-  assert ensemble['knee_id'].tolist() == first['knee_id'].tolist()
-  table = (tmp_path / 'out' / 'oarsi_smoke.md').read_text()
-  assert 'ensemble - members mean' in table and 'Machine:' in table
-
-  again = _run('oarsi', args, tmp_path, data_dir)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert not _trained(again.stdout)
-  pd.testing.assert_frame_equal(
-      pd.read_csv(tmp_path / 'out' / 'oarsi_smoke.csv').drop(
-          columns='train_seconds'), rows.drop(columns='train_seconds'))

@@ -114,6 +114,26 @@ def compare_arms(rows: pd.DataFrame) -> str:
           lines.append(paired_row(SHOWN[name], paired(wide[name][base],
                                                       wide[name][arm])))
       sections.append('\n'.join(lines))
+  settings = sorted(rows['labels_per_grade'].unique())
+  if len(settings) > 1 and 'semixup' in set(rows['arm']):
+    # The paper's headline: Semixup with few labels against SL with more.
+    low, high = settings[0], settings[-1]
+    few = rows[(rows['arm'] == 'semixup') & (rows['labels_per_grade'] == low)
+               ].set_index('seed')
+    many = rows[(rows['arm'] == BASELINE)
+                & (rows['labels_per_grade'] == high)].set_index('seed')
+    seeds = sorted(set(few.index) & set(many.index))
+    if seeds:
+      lines = [f'### semixup with {low} labels per grade against {BASELINE} '
+               f'with {high}', '',
+               f'| metric | {BASELINE} ({high}) mean (sd) | semixup ({low}) '
+               f'mean (sd) | difference, mean (min, max) | paired t p | '
+               'Wilcoxon p |', '|---|---|---|---|---|---|']
+      for name in (*METRICS, *TRUTH):
+        if name in rows:
+          lines.append(paired_row(SHOWN[name], paired(
+              many.loc[seeds, name], few.loc[seeds, name])))
+      sections.append('\n'.join(lines))
   tests = chunked_tests(rows, 'semixup')
   if tests:
     sections.append('\n'.join([
