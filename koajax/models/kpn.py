@@ -165,15 +165,8 @@ class KeypointPooling(resnet.ResNet):
                dropout: float = 0.0, in_channels: int = 3,
                dtype: str = 'float32', heads: Mapping[str, int],
                rngs: nnx.Rngs):
-    variant = resnet.VARIANTS.get(backbone)
-    if variant is None or variant.get('flavour', 'timm') != 'timm':
-      timm = sorted(n for n, v in resnet.VARIANTS.items()
-                    if v.get('flavour', 'timm') == 'timm')
-      raise ValueError(f'model.backbone must be one of {", ".join(timm)} '
-                       f'(the grid assumes the timm layout); got {backbone!r}')
-    if not 1 <= stage <= len(variant['stage_sizes']):
-      raise ValueError(f'model.stage must be 1..{len(variant["stage_sizes"])}'
-                       f'; got {stage}')
+    variant = resnet.timm_variant(backbone, stage,
+                                  'the grid assumes the timm layout')
     if combine not in COMBINE:
       raise ValueError(f'model.combine must be one of {", ".join(COMBINE)}; '
                        f'got {combine!r}')

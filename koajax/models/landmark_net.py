@@ -53,15 +53,8 @@ class LandmarkNet(resnet.ResNet):
       raise ValueError(
           'the landmark network predicts landmarks, not grades; its task '
           f'has no class heads (got {", ".join(heads)})')
-    variant = resnet.VARIANTS.get(backbone)
-    if variant is None or variant.get('flavour', 'timm') != 'timm':
-      timm = sorted(n for n, v in resnet.VARIANTS.items()
-                    if v.get('flavour', 'timm') == 'timm')
-      raise ValueError(f'model.backbone must be one of {", ".join(timm)}; '
-                       f'got {backbone!r}')
-    if not 1 <= stage <= len(variant['stage_sizes']):
-      raise ValueError(f'model.stage must be 1..{len(variant["stage_sizes"])}'
-                       f'; got {stage}')
+    variant = resnet.timm_variant(backbone, stage,
+                                  'the decoder reads timm-layout stages')
     # Only the stages the decoder reads are built.
     trunk = {**variant, 'stage_sizes': variant['stage_sizes'][:stage]}
     super().__init__(**trunk, in_channels=in_channels, dtype=dtype, heads={},

@@ -281,6 +281,22 @@ VARIANTS = {
 }
 
 
+def timm_variant(backbone: str, stage: int, why: str) -> dict[str, Any]:
+  """The timm-layout variant `backbone` for a model that reads its stage
+  maps up to `stage`; a legacy or unknown name, or a stage it lacks, is a
+  ValueError naming the field (`why`: what needs the timm layout)."""
+  variant = VARIANTS.get(backbone)
+  if variant is None or variant.get('flavour', 'timm') != 'timm':
+    timm = sorted(n for n, v in VARIANTS.items()
+                  if v.get('flavour', 'timm') == 'timm')
+    raise ValueError(f'model.backbone must be one of {", ".join(timm)} '
+                     f'({why}); got {backbone!r}')
+  if not 1 <= stage <= len(variant['stage_sizes']):
+    raise ValueError(f'model.stage must be 1..{len(variant["stage_sizes"])}'
+                     f'; got {stage}')
+  return variant
+
+
 def _variant(name: str):
   def create(**kwargs) -> ResNet:
     return ResNet(**{**VARIANTS[name], **kwargs})
