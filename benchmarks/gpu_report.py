@@ -7,6 +7,9 @@ Reads, from the folder given, whatever of these the script wrote:
                            the method networks' steps
   mc_dropout.json          the MC-dropout sweep's modes
   pipeline.json            the input pipeline by worker count
+  stages.tsv               each stage's outcome (ok, failed, timed_out,
+                           skipped) and seconds
+  traces/*/                jax.profiler traces of steps (trace_summary.py)
 and writes `gpu.json` (everything, with the machine and the peak used) and
 `gpu.md` (Markdown tables) beside them. Each step row gets koajax's
 achieved TFLOP/s (XLA's operation count of the step over its median time)
@@ -26,7 +29,11 @@ import argparse
 import json
 from pathlib import Path
 import statistics
+import sys
 import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 
 # Dense bfloat16 peak, TFLOP/s, by a substring of JAX's device_kind.
 PEAK_BF16_TFLOPS = {'H200': 790.0, 'H100': 989.0, 'A100': 312.0}
@@ -131,12 +138,33 @@ def targets(steps: list[dict], mc: list[dict],
        max(workers) if workers else None, TARGETS['pipeline_vs_step'])]
 
 
+def stage_rows(folder: Path) -> list[dict]:
+  path = folder / 'stages.tsv'
+  if not path.exists():
+    return []
+  header, *rows = [line.split('\t') for line in path.read_text().splitlines()]
+  return [dict(zip(header, row)) for row in rows]
+
+
+def profiles(folder: Path) -> list[dict]:
+  """The summary of every trace under `folder`/traces; a trace that cannot
+  be read is named with the reason instead."""
+  found = []
+  for trace in sorted((folder / 'traces').glob('*')):
+    try:
+      found.append(trace_summary.summarise_folder(trace))
+    except (OSError, ValueError, KeyError) as e:
+      found.append({'trace': trace.name, 'error': str(e)})
+  return found
+
+
 def _f(value, spec: str = '.2f', suffix: str = '') -> str:
   return '' if value is None else f'{value:{spec}}{suffix}'
 
 
 def markdown(machine: dict, peak: float | None, steps: list[dict],
-             mc: list[dict], pipe: list[dict]) -> str:
+             mc: list[dict], pipe: list[dict], stages: list[dict] = (),
+             traced: list[dict] = ()) -> str:
   lines = [f"# koajax on {machine['device']} ({machine['backend']})", '',
            f"{machine['date']}; host {machine['cpu']}, {machine['cores']} "
            f"cores; jax {machine['jax']}; peak used: "
@@ -187,6 +215,15 @@ def markdown(machine: dict, peak: float | None, steps: list[dict],
                else 'met' if value >= target else 'missed')
     lines.append(f"| {what} | {shown} | "
                  f"{f'{target:.0%}' if pct else f'{target:g}x'} | {verdict} |")
+  if stages:
+    lines += ['', '## Stages', '', '| stage | outcome | s |', '|---|---|---|']
+    lines += [f"| {r['stage']} | {r['outcome']} | {r['seconds']} |"
+              for r in stages]
+  if traced:
+    lines += ['', '## Profiles (jax.profiler)', '']
+    for t in traced:
+      lines.append(trace_summary.markdown(t) if 'error' not in t
+                   else f"### {t['trace']}\n\nnot read: {t['error']}\n")
   return '\n'.join(lines) + '\n'
 
 
@@ -213,12 +250,15 @@ def main() -> None:
   steps = step_rows(args.folder, peak)
   mc = mc_rows(args.folder)
   pipe = pipeline_rows(args.folder, steps)
+  stages = stage_rows(args.folder)
+  traced = profiles(args.folder)
   report = {'machine': machine, 'peak_tflops': peak, 'steps': steps,
-            'mc_dropout': mc, 'pipeline': pipe,
+            'mc_dropout': mc, 'pipeline': pipe, 'stages': stages,
+            'profiles': traced,
             'targets': [{'what': w, 'measured': v, 'target': t}
                         for w, v, t in targets(steps, mc, pipe)]}
   (args.folder / 'gpu.json').write_text(json.dumps(report, indent=1))
-  text = markdown(machine, peak, steps, mc, pipe)
+  text = markdown(machine, peak, steps, mc, pipe, stages, traced)
   (args.folder / 'gpu.md').write_text(text)
   print(text)
 

@@ -2,9 +2,11 @@ r"""Input pipeline and on-device augmentation throughput.
 
 Measures
   1. knees/s delivered by the Grain pipeline (Siamese view, batch 32) with
-     0, 1 and 2 worker processes: warm-up batches first, then a fixed number
-     of timed batches, repeated; the time to the first batch is reported
-     separately (worker start-up);
+     0, 1 and 2 worker processes: warm-up batches first (at least as many
+     as the pipeline holds ready ahead, `pipeline.prefetch_batches`, so
+     that the timing is of reading, not of emptying full buffers), then a
+     fixed number of timed batches, repeated; the time to the first batch is
+     reported separately (worker start-up);
   2. augmentations/s of the jitted, vmapped Semixup augmentation on
      (B, 128, 128) patch batches and of the coherence jitter on
      (B, 320, 320) images, with compile time reported separately.
@@ -46,13 +48,16 @@ _NUM_KNEES = flags.DEFINE_integer('num_knees', 2000, 'Synthetic cache size.')
 _ROI_PX = flags.DEFINE_integer('roi_px', 400, 'Synthetic cache ROI size.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Pipeline batch size.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts.')
-_WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed batches per iterator.')
+_WARMUP = flags.DEFINE_integer(
+    'warmup', 5, 'Untimed batches per iterator, at least the batches the '
+    'pipeline holds ready ahead (pipeline.prefetch_batches).')
 _BATCHES = flags.DEFINE_integer('batches', 30, 'Timed batches per repeat.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats.')
 _AUG_BATCHES = flags.DEFINE_list('aug_batch_sizes', ['32', '256'],
                                  'Batch sizes for the augmentation timing.')
 _AUG_CALLS = flags.DEFINE_integer('aug_calls', 10, 'Timed calls per repeat.')
-_OUT = flags.DEFINE_string('out', None, 'JSON results file.')
+_OUT = flags.DEFINE_string('out', None, 'JSON results file (rewritten after '
+                           'each row, so a stopped run keeps its rows).')
 
 
 def build_synthetic_cache(directory: str, num_knees: int,
@@ -76,8 +81,10 @@ def _summary(rates: list[float]) -> str:
   return f'{statistics.mean(rates):,.0f} ± {spread:,.0f}'
 
 
-def time_pipeline(cache: cache_lib.Cache, workers: int) -> tuple[float, list]:
-  """(seconds to the first batch, knees/s of each timed repeat)."""
+def time_pipeline(cache: cache_lib.Cache, workers: int,
+                  warmup: int) -> tuple[float, list]:
+  """(seconds to the first batch, knees/s of each timed repeat after
+  `warmup` untimed batches)."""
   start = time.perf_counter()
   it = pipeline.to_iterator(pipeline.knee_dataset(
       cache, np.arange(len(cache)), view='siamese',
@@ -86,7 +93,7 @@ def time_pipeline(cache: cache_lib.Cache, workers: int) -> tuple[float, list]:
   with contextlib.closing(it):
     next(it)
     first = time.perf_counter() - start
-    for _ in range(_WARMUP.value):
+    for _ in range(warmup):
       next(it)
     rates = []
     for _ in range(_REPEATS.value):
@@ -157,6 +164,12 @@ def machine() -> str:
   return f'{model}, {os.cpu_count()} cores, Python {platform.python_version()}'
 
 
+def save(results: dict) -> None:
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
 def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -177,14 +190,20 @@ def main(argv: list[str]) -> None:
             f'{time.perf_counter() - start:.0f} s')
     print(f'\n{len(cache)} knees, ROI {cache.meta["roi_px"]} px, Siamese '
           f'view, batch {_BATCH.value}, {_BATCHES.value} timed batches x '
-          f'{_REPEATS.value} repeats after {_WARMUP.value} warm-up batches\n')
-    print('| workers | knees/s (mean ± sd) | first batch (s) |')
-    print('|---|---|---|')
+          f'{_REPEATS.value} repeats after the warm-up batches\n')
+    print('| workers | knees/s (mean ± sd) | first batch (s) | warm-up '
+          'batches |')
+    print('|---|---|---|---|')
     for workers in map(int, _WORKERS.value):
-      first, rates = time_pipeline(cache, workers)
-      print(f'| {workers} | {_summary(rates)} | {first:.1f} |', flush=True)
+      warmup = max(_WARMUP.value,
+                   pipeline.prefetch_batches(worker_count=workers))
+      first, rates = time_pipeline(cache, workers, warmup)
+      print(f'| {workers} | {_summary(rates)} | {first:.1f} | {warmup} |',
+            flush=True)
       results['pipeline'].append({'workers': workers, 'first_batch_s': first,
+                                  'warmup_batches': warmup,
                                   'knees_per_s': rates})
+      save(results)
 
   print(f'\n{_AUG_CALLS.value} calls x {_REPEATS.value} repeats, '
         'block_until_ready\n')
@@ -195,10 +214,8 @@ def main(argv: list[str]) -> None:
           f"{row['batch_size']} | {_summary(row['images_per_s'])} | "
           f"{row['compile_s']:.1f} |", flush=True)
     results['augmentation'].append(row)
+    save(results)
   print(f'\nfinished at {load()}')
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':

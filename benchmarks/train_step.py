@@ -63,7 +63,11 @@ _COMPILE = flags.DEFINE_bool('compile', False,
                              'Also time the PyTorch step under torch.compile.')
 _TORCH_DEVICE = flags.DEFINE_string(
     'torch_device', 'auto', "PyTorch's device; auto: cuda when available.")
-_OUT = flags.DEFINE_string('out', None, 'JSON results file.')
+_OUT = flags.DEFINE_string('out', None, 'JSON results file (rewritten '
+                           'after each row, so a stopped run keeps its rows).')
+_TRACE = flags.DEFINE_string(
+    'trace', None, 'Folder for a jax.profiler trace of --steps koajax steps '
+    'per row (one subfolder per row), taken after the timing.')
 
 
 def koajax_step(method: str, batch_size: int, width: int,
@@ -139,6 +143,9 @@ def time_row(method: str, batch_size: int, dtype: str,
   for _ in range(_ROUNDS.value):
     for name, step in sides.items():
       times[name] += time_steps(step, _STEPS.value)
+  if _TRACE.value:
+    ours.trace(os.path.join(_TRACE.value, f'{method}_b{batch_size}_{dtype}'),
+               _STEPS.value)
   row = {'method': method, 'batch_size': batch_size, 'dtype': dtype,
          'width': _WIDTH.value, 'mesh_devices': ours.mesh.size,
          'knees_per_step': ours.knees_per_step,
@@ -166,6 +173,7 @@ def main(argv):
       for dtype in _DTYPE.value:
         results.append(time_row(method, batch_size, dtype, device))
         print(json.dumps(results[-1]), flush=True)
+        write_json(_OUT.value, results)
 
   print(f'\n{summary()}\n')
   print('| step | batch | dtype | koajax s/step | koajax knees/s | koajax '
@@ -186,7 +194,6 @@ def main(argv):
     cells.append(f"{rate['torch_compile']:.2f}" if 'torch_compile' in rate
                  else '')
     print('| ' + ' | '.join(map(str, cells)) + ' |')
-  write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -305,6 +305,22 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _read_threads(read_threads: int | None) -> int:
+  return read_threads or min(16, os.cpu_count() or 1)
+
+
+def prefetch_batches(*, worker_count: int = 0, worker_buffer_size: int = 2,
+                     read_threads: int | None = None) -> int:
+  """How many batches `to_iterator` with these arguments can hold ready
+  ahead of the consumer: each reading process's prefetch buffer, and each
+  worker's output buffer. A throughput measurement must consume this many
+  before timing, or it times the buffer instead of the reading."""
+  per_process = 2 * _read_threads(read_threads)
+  if worker_count == 0:
+    return per_process
+  return worker_count * (per_process + worker_buffer_size)
+
+
 def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
                 worker_buffer_size: int = 2,
                 read_threads: int | None = None) -> grain.DatasetIterator:
@@ -318,7 +334,7 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
     read_threads: threads per process reading and mapping batches (default:
       one per core, at most 16).
   """
-  threads = read_threads or min(16, os.cpu_count() or 1)
+  threads = _read_threads(read_threads)
   # Grain's default buffer is 500 elements, here whole batches: thousands of
   # knees decoded ahead at every start, on the cores that compile and run the
   # first steps. Two batches per thread keep every thread busy.
