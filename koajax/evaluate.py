@@ -92,7 +92,6 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
   from koajax.data import cache as cache_lib
   from koajax.data import pipeline
   from koajax.data import sources
-  from koajax.evaluation import report
   from koajax.train import predictor as predictor_lib
 
   task = tasks.from_config(config)
@@ -129,7 +128,7 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
                                 indices, probs))
   if result is not None:
     print(f'{checkpoint} on {target} ({len(indices)} knees): '
-          f'{report.headline(result)}; report in {out / "metrics.json"}')
+          f'{train.headline(task, result)}; report in {out / "metrics.json"}')
   return result
 
 
@@ -157,7 +156,6 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
   from koajax import tasks
   from koajax import train
   from koajax.data import sources
-  from koajax.evaluation import report
   from koajax.train import predictor as predictor_lib
 
   def without_fold(config):
@@ -195,8 +193,8 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
       probs.append(predictor.predict(cache, val))
   indices = np.concatenate(rows)
   order = np.argsort(indices, kind='stable')
-  merged = {head: np.concatenate([p[head] for p in probs])[order]
-            for head in task.head_names}
+  merged = {name: np.concatenate([p[name] for p in probs])[order]
+            for name in task.outputs}
   out = (Path(out) if out else
          Path(workdirs[0]) / 'eval' / f'{checkpoint}-out-of-fold')
   result = train.write_report(
@@ -205,7 +203,7 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
                                 indices[order], merged))
   if result is not None:
     print(f'{checkpoint}, out of fold ({len(workdirs)} runs, '
-          f'{len(indices)} knees): {report.headline(result)}; report in '
+          f'{len(indices)} knees): {train.headline(task, result)}; report in '
           f'{out / "metrics.json"}')
   return result
 

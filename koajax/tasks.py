@@ -9,6 +9,8 @@ the reports read these fields instead of assuming KL:
   kl_oarsi    KL + the six OARSI grades, 29 classes in all (multi-task OARSI,
               coherence learning), heads in the order of the papers
   kl0_vs_kl2  KL-0 against KL-2, other grades excluded (confidence-driven)
+  landmarks   no grade: the 16 landmarks of each knee, in view pixels
+              (the localiser); every knee with its landmarks qualifies
 
 An ungraded head (-1 in the cache) is a masked label (-1 here too), never a
 reason to drop the knee: a knee that lacks one OARSI grade still teaches the
@@ -76,6 +78,9 @@ class Task:
     pooled_binary: (name, heads) pairs: binary findings whose ROC / PR the
       report also gives over several heads at once (a lateral osteophyte,
       femoral or tibial).
+    landmarks: the model predicts the knees' landmarks ('landmarks',
+      (n, 16, 2) view pixels) and is scored on their distance in mm
+      (`koajax.evaluation.landmarks`).
   """
   name: str
   heads: tuple[Head, ...]
@@ -84,10 +89,17 @@ class Task:
   mean_heads: tuple[str, ...] = ()
   qualify: str = 'primary'
   pooled_binary: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  landmarks: bool = False
 
   @property
   def head_names(self) -> tuple[str, ...]:
     return tuple(h.name for h in self.heads)
+
+  @property
+  def outputs(self) -> tuple[str, ...]:
+    """What a prediction holds: each head's probabilities, then the
+    landmarks for a landmark task."""
+    return self.head_names + (('landmarks',) if self.landmarks else ())
 
   @property
   def num_classes(self) -> dict[str, int]:
@@ -107,7 +119,11 @@ class Task:
                         for h in self.heads})
 
   def qualifies(self, index: pd.DataFrame) -> np.ndarray:
-    """Boolean mask of the index rows usable as labeled / val / test knees."""
+    """Boolean mask of the index rows usable as labeled / val / test knees
+    (every row for a task without heads: its labels are the landmarks,
+    which `koajax.data.pipeline.usable_knees` checks)."""
+    if not self.heads:
+      return np.ones(len(index), bool)
     graded = np.stack([y >= 0 for y in self.index_labels(index).values()])
     return graded[0] if self.qualify == 'primary' else graded.any(axis=0)
 
@@ -129,6 +145,7 @@ TASKS: dict[str, Task] = {
                                            label_map=((0, 0), (2, 1)),
                                            positive_from=1),),
                        view='siamese'),
+    'landmarks': Task('landmarks', (), view='keypoints', landmarks=True),
 }
 
 

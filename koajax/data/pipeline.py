@@ -277,6 +277,21 @@ def knees_with_keypoints(cache: cache_lib.Cache,
   return known
 
 
+def view_keypoints(cache: cache_lib.Cache, indices: Sequence[int] | np.ndarray,
+                   *, view: str, view_size: int = 0) -> np.ndarray:
+  """(len(indices), K, 2) float32 (x, y) landmarks of cache rows in the
+  pixels of a `views.KEYPOINT_VIEWS` view (NaN where unknown): what that
+  view's batches carry as 'keypoints', without decoding images."""
+  if view not in views.KEYPOINT_VIEWS:
+    raise ValueError(f'the {view!r} view carries no keypoints')
+  size = view_size or views.VIEW_PX[view]
+  records = cache.source().__getitems__([int(i) for i in indices])
+  return np.stack([
+      views.rescale_keypoints(cache_lib.decode(r)['keypoints'],
+                              cache.meta['roi_px'], size)
+      for r in records]).reshape(len(indices), schema.NUM_LANDMARKS, 2)
+
+
 def usable_knees(cache: cache_lib.Cache, view: str) -> np.ndarray | None:
   """Mask of the records `view` can be cut from; None when it is every one.
 

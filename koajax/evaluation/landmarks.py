@@ -16,13 +16,23 @@ pixels and each image's pixel spacing this gives
 A true landmark that is missing (NaN) is left out of every figure; a
 missing prediction where the truth exists counts as an outlier, so a
 localiser cannot look better by giving up on hard knees.
+
+For training, `scores` gives the validation figures under flat names
+(`SCORE_NAMES`, a run's selection metrics; those in `LOWER_IS_BETTER` are
+errors) and `write_report` writes a test report: metrics.json (`report`)
+and predictions.csv (each knee's predicted and true landmarks and their
+distances).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 TIBIA = tuple(range(9))
 FEMUR = tuple(range(9, 16))
@@ -82,3 +92,74 @@ def report(pred: np.ndarray, true: np.ndarray,
           'within_2mm': float((centre < 2.0).mean()),
       },
   }
+
+
+# Validation scores of a landmark model, by name (`scores`).
+SCORE_NAMES = ('landmarks/mean_mm', 'landmarks/centre_mm',
+               'landmarks/within_2mm', 'landmarks/outliers')
+LOWER_IS_BETTER = frozenset({'mean_mm', 'centre_mm', 'outliers'})
+PREDICTIONS_CSV = 'predictions.csv'
+METRICS_JSON = 'metrics.json'
+
+
+def scores(pred: np.ndarray, true: np.ndarray,
+           spacing: np.ndarray | tuple[float, float]) -> dict[str, float]:
+  """The validation figures of `SCORE_NAMES`: the mean distance of every
+  known landmark, the joint centre's mean distance, the share of landmarks
+  within 2 mm and of outliers (>= 10 mm); a lost prediction is an outlier
+  and an infinite distance."""
+  d = distances_mm(pred, true, spacing)
+  known = d[~np.isnan(d)]
+  centre = d[:, CENTRE][~np.isnan(d[:, CENTRE])]
+  return {'landmarks/mean_mm': float(np.mean(known)),
+          'landmarks/centre_mm': float(np.mean(centre)),
+          'landmarks/within_2mm': float((known < 2.0).mean()),
+          'landmarks/outliers': float((known >= OUTLIER_MM).mean())}
+
+
+def _json_ready(value):
+  if isinstance(value, dict):
+    return {k: _json_ready(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_json_ready(v) for v in value]
+  return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
+                 sides: Sequence[str], pred: np.ndarray, true: np.ndarray,
+                 spacing: tuple[float, float], pixels: str,
+                 sections: dict[str, Any] | None = None) -> dict[str, Any]:
+  """predictions.csv and metrics.json of predicted against true landmarks
+  ((n, K, 2) (x, y) in the pixels named by `pixels`, of `spacing` (row,
+  col) mm); each file replaces its old self in one rename. Returns the
+  metrics."""
+  from koajax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  d = distances_mm(pred, true, spacing)
+  columns = {'knee_id': list(knee_ids), 'side': list(sides)}
+  for k in range(pred.shape[1]):
+    columns.update({f'x{k}': pred[:, k, 0], f'y{k}': pred[:, k, 1],
+                    f'true_x{k}': true[:, k, 0], f'true_y{k}': true[:, k, 1],
+                    f'mm{k}': d[:, k]})
+  frame = pd.DataFrame(columns)
+  plots.write_atomically(out_dir / PREDICTIONS_CSV,
+                         lambda path: frame.to_csv(path, index=False))
+  result = {**report(pred, true, spacing), 'pixels': pixels,
+            'spacing_mm': list(map(float, spacing)),
+            **(sections or {}),
+            'files': {'predictions': PREDICTIONS_CSV}}
+  text = json.dumps(_json_ready(result), indent=2, allow_nan=False) + '\n'
+  plots.write_atomically(out_dir / METRICS_JSON,
+                         lambda path: path.write_text(text))
+  return result
+
+
+def headline(result: dict[str, Any]) -> str:
+  """The figures worth printing from a `write_report` result."""
+  return json.dumps({
+      'centre_mean_mm': round(result['centre']['mean_mm'], 3),
+      'centre_within_2mm': round(result['centre']['within_2mm'], 4),
+      'tibia_recall_2mm': round(result['recall']['tibia']['2mm'], 4),
+      'femur_recall_2mm': round(result['recall']['femur']['2mm'], 4),
+      'outliers': round(result['outliers'], 4)})

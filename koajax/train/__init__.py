@@ -13,6 +13,7 @@ from koajax.train.trainer import NonFiniteLossError
 from koajax.train.trainer import SPLITS_NPZ
 from koajax.train.trainer import Splits
 from koajax.train.trainer import Trainer
+from koajax.train.trainer import headline
 from koajax.train.trainer import saved_splits
 from koajax.train.trainer import split_indices
 from koajax.train.trainer import train_and_evaluate

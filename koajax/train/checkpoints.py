@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from koajax import cli
+from koajax.evaluation import landmarks as landmarks_lib
 from koajax.evaluation import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ def folder(name: str) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
-  return metric.rsplit('/', 1)[-1] in metrics_lib.LOWER_IS_BETTER | {'loss'}
+  return metric.rsplit('/', 1)[-1] in (metrics_lib.LOWER_IS_BETTER
+                                       | landmarks_lib.LOWER_IS_BETTER
+                                       | {'loss'})
 
 
 def damage(step_dir: str | Path, items: Sequence[str] = ('state',), *,

@@ -2,6 +2,15 @@
 
     predictor = Predictor.from_runs(['RUN_A', 'RUN_B'], checkpoint='best')
     probs = predictor.predict(cache, rows)        # {head: (n, classes)}
+                                                  # (+ 'landmarks')
+
+A landmark model's prediction also holds 'landmarks', (n, 16, 2) (x, y)
+view pixels, its members' mean. With `shift` each knee's view is first moved
+by a translation of up to `shift` px per axis, drawn for the knee from its
+cache row (the same in every evaluation), and the points are moved back:
+the fine localiser is measured as it works behind a coarse one, whose ROI is
+never centred on the truth (a view cut around the true joint centre would
+put that landmark at the centre for free).
 
 A predictor holds one or several members (a run's weights) of one task. Each
 member's forward pass is jitted over a data-parallel mesh. A model that takes
@@ -41,6 +50,7 @@ from flax import nnx
 from koajax import cli
 from koajax import config_lib
 from koajax import tasks as tasks_lib
+from koajax.data import augment
 from koajax.data import pipeline
 from koajax.data import views
 from koajax.train import checkpoints as checkpoints_lib
@@ -133,14 +143,34 @@ def _cropped_views(x: jax.Array, keypoints: jax.Array | None, size: int,
   return views
 
 
-def _member_outputs(params, extra, input_norm, images, keypoints, *,
+def shift_images(images: jax.Array, shifts: jax.Array) -> jax.Array:
+  """Each (H, W) image of `images` moved by its (x, y) shift in pixels
+  (bilinear, zero fill): the content at p is at p + shift after."""
+  eye = jnp.eye(2, dtype=jnp.float32)
+  return jax.vmap(lambda im, t: augment.affine_warp(
+      im, eye, -t[::-1]))(images, shifts)
+
+
+def knee_shifts(indices: np.ndarray, shift: float, seed: int = 0
+                ) -> np.ndarray:
+  """(n, 2) float32 (x, y) shifts, uniform in +-`shift` px, one per cache
+  row, a function of (seed, row) only."""
+  return np.stack([np.random.default_rng([seed, int(i)]).uniform(
+      -shift, shift, 2) for i in indices]).astype(np.float32).reshape(-1, 2)
+
+
+def _member_outputs(params, extra, input_norm, images, keypoints, shifts, *,
                     graphdef, crop: int, tta: str, tta_crop: int,
                     ensemble: str) -> dict[str, jax.Array]:
-  """{head: mean probabilities (or logits) over the TTA views}. `keypoints`
-  (or None) reach the model when it takes them."""
+  """{head: mean probabilities (or logits) over the TTA views}, and
+  'landmarks' where the model predicts them (no crop or TTA then:
+  `check_settings`). `keypoints` (or None) reach the model when it takes
+  them."""
   model = nnx.merge(graphdef, params, extra, copy=True)
   if not takes_keypoints(model):
     keypoints = None
+  if shifts is not None:
+    images = shift_images(images, shifts)
   x = step_lib.normalise(images)
   if input_norm is not None:
     x = (x - input_norm['mean']) / input_norm['std']
@@ -149,17 +179,23 @@ def _member_outputs(params, extra, input_norm, images, keypoints, *,
     views = _cropped_views(x, keypoints, crop, tta=False)
   if tta == 'five_crop':
     views = _cropped_views(*views[0], tta_crop, tta=True)
-  outs = [model(v, train=False,
-                **({} if k is None else {'keypoints': k}))['logits']
+  full = [model(v, train=False, **({} if k is None else {'keypoints': k}))
           for v, k in views]
+  outs = [o['logits'] for o in full]
   combine = ((lambda z: z.astype(jnp.float32)) if ensemble == 'logits'
              else jax.nn.softmax)
-  return {head: jnp.mean(jnp.stack([combine(o[head]) for o in outs]), axis=0)
-          for head in outs[0]}
+  result = {head: jnp.mean(jnp.stack([combine(o[head]) for o in outs]),
+                           axis=0)
+            for head in outs[0]}
+  if 'landmarks' in full[0]:
+    points = full[0]['landmarks'].astype(jnp.float32)
+    result['landmarks'] = (points if shifts is None
+                           else points - shifts[:, None, :])
+  return result
 
 
 def check_settings(task: tasks_lib.Task, *, tta: str, tta_crop: int,
-                   ensemble: str, crop: int = 0) -> None:
+                   ensemble: str, crop: int = 0, shift: float = 0.0) -> None:
   """Raises ValueError naming the `predict.` field that cannot work with
   `task`'s view (checked when a run's config is read, not after training)."""
   if tta not in TTA:
@@ -177,6 +213,14 @@ def check_settings(task: tasks_lib.Task, *, tta: str, tta_crop: int,
   if ensemble not in ENSEMBLE:
     raise ValueError(f'unknown predict.ensemble {ensemble!r}; choose one '
                      f'of {", ".join(ENSEMBLE)}')
+  if task.landmarks and (crop or tta != 'none'):
+    raise ValueError('a landmark model predicts on the whole view: set '
+                     "predict.crop=0 and predict.tta='none'")
+  if shift and not task.landmarks:
+    raise ValueError('predict.shift moves the view of a landmark model; '
+                     f'task {task.name!r} has none: set it to 0')
+  if shift < 0:
+    raise ValueError(f'predict.shift must be >= 0 px; got {shift}')
 
 
 class Predictor:
@@ -185,11 +229,12 @@ class Predictor:
   def __init__(self, members: Sequence[Member], task: tasks_lib.Task,
                mesh: jax.sharding.Mesh, *, batch_size: int = 64,
                tta: str = 'none', tta_crop: int = 0,
-               ensemble: str = 'probs', crop: int = 0):
+               ensemble: str = 'probs', crop: int = 0, shift: float = 0.0):
     if not members:
       raise ValueError('a predictor needs at least one run')
     check_settings(task, tta=tta, tta_crop=tta_crop, ensemble=ensemble,
-                   crop=crop)
+                   crop=crop, shift=shift)
+    self.shift = shift
     self.members = list(members)
     self.task = task
     self.mesh = mesh
@@ -243,10 +288,12 @@ class Predictor:
     return -(-self.batch_size // self.mesh.size) * self.mesh.size
 
   def predict_images(self, images: np.ndarray,
-                     keypoints: np.ndarray | None = None
+                     keypoints: np.ndarray | None = None,
+                     shifts: np.ndarray | None = None
                      ) -> dict[str, np.ndarray]:
-    """{head: (n, classes)} probabilities of n <= batch_size view images
-    (with their (n, K, 2) keypoints in the 'keypoints' view)."""
+    """{head: (n, classes)} probabilities (and 'landmarks') of n <=
+    batch_size view images (with their (n, K, 2) keypoints in the
+    'keypoints' view, and (n, 2) (x, y) pixel shifts of the views)."""
     n = len(images)
 
     def shard(a):
@@ -257,24 +304,30 @@ class Predictor:
 
     sharded = shard(images)
     points = None if keypoints is None else shard(keypoints)
+    moved = None if shifts is None else shard(shifts)
     outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded,
-                              points))
+                              points, moved))
             for fn, m in zip(self._fns, self.members)]
-    mean = {head: np.mean([o[head] for o in outs], axis=0)[:n]
-            for head in outs[0]}
+    mean = {name: np.mean([o[name] for o in outs], axis=0)[:n]
+            for name in outs[0]}
     if self.ensemble == 'logits':
-      return {head: np.asarray(jax.nn.softmax(z)) for head, z in mean.items()}
+      return {name: (np.asarray(jax.nn.softmax(z))
+                     if name in self.task.head_names else z)
+              for name, z in mean.items()}
     return mean
 
   def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """{head: (len(indices), classes)} probabilities of cache rows, in order."""
-    batches = [self.predict_images(b['image'], b.get('keypoints'))
+    """{head: (len(indices), classes)} probabilities of cache rows, in
+    order (and 'landmarks' of a landmark task)."""
+    batches = [self.predict_images(
+                   b['image'], b.get('keypoints'),
+                   knee_shifts(b['index'], self.shift) if self.shift else None)
                for b in pipeline.eval_batches(
                    cache, indices, view=self.task.view,
                    view_size=self.task.view_size, batch_size=self.batch_size,
                    sharding=pipeline.Sharding(0, 1))]
-    return {head: np.concatenate([b[head] for b in batches])
-            for head in self.task.head_names}
+    return {name: np.concatenate([b[name] for b in batches])
+            for name in self.task.outputs}
 
 
 def load_member(workdir: str | Path, config: ml_collections.ConfigDict,

@@ -40,7 +40,9 @@ from koajax import tasks as tasks_lib
 from koajax.data import pipeline
 from koajax.data import sources
 from koajax.data import split_recipes
+from koajax.data import views
 from koajax.evaluation import heads as heads_lib
+from koajax.evaluation import landmarks as landmarks_lib
 from koajax.evaluation import readers as readers_lib
 from koajax.evaluation import report
 from koajax.train import checkpoints as checkpoints_lib
@@ -86,6 +88,16 @@ def split_indices(splits: Splits, split: str) -> np.ndarray:
   return getattr(splits, split)
 
 
+def landmark_truth(task: tasks_lib.Task, cache, indices: np.ndarray
+                   ) -> tuple[np.ndarray, tuple[float, float]]:
+  """((n, K, 2) true landmarks of cache rows `indices` in the pixels of the
+  task's view, (row, col) mm per view pixel)."""
+  size = task.view_size or views.VIEW_PX[task.view]
+  mm = cache.meta['roi_mm'] / size
+  return pipeline.view_keypoints(cache, indices, view=task.view,
+                                 view_size=task.view_size), (mm, mm)
+
+
 def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
                  task: tasks_lib.Task, cache, indices: np.ndarray,
                  probs: dict[str, np.ndarray],
@@ -95,10 +107,20 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
   `indices`; written by process 0, which returns the report. With reader
   columns in the cache index (kl_reader_<name>) and a primary head on KL,
   the report compares the model with those readers too. `sections` are
-  further top-level entries of metrics.json (`Method.report_sections`)."""
+  further top-level entries of metrics.json (`Method.report_sections`).
+  A landmark task's report is KNEEL's figures of probs['landmarks']
+  (`koajax.evaluation.landmarks.write_report`)."""
   if jax.process_index() != 0:
     return None
   index = cache.index.iloc[indices]
+  if task.landmarks:
+    true, spacing = landmark_truth(task, cache, indices)
+    size = task.view_size or views.VIEW_PX[task.view]
+    return landmarks_lib.write_report(
+        out_dir, knee_ids=index['knee_id'].to_numpy(),
+        sides=index['side'].to_numpy(), pred=probs['landmarks'], true=true,
+        spacing=spacing, pixels=f'{task.view} view, {size} px over the '
+        f"{cache.meta['roi_mm']:g} mm ROI", sections=sections)
   return report.write_report(
       out_dir, knee_ids=index['knee_id'].to_numpy(),
       sides=index['side'].to_numpy(), labels=task.index_labels(index),
@@ -108,6 +130,12 @@ def write_report(out_dir: str | Path, config: ml_collections.ConfigDict,
       n_resamples=config.bootstrap_resamples, seed=config.seed,
       readers=readers_lib.index_readers(index, task.heads[0]),
       sections=sections)
+
+
+def headline(task: tasks_lib.Task, result: dict[str, Any]) -> str:
+  """The figures worth printing from a `write_report` result."""
+  return (landmarks_lib.headline(result) if task.landmarks
+          else report.headline(result))
 
 
 def usable_only(splits: Splits, usable: np.ndarray) -> Splits:
@@ -134,9 +162,11 @@ class Trainer:
     self.method = method or methods_lib.from_config(config, self.task)
     selection = tuple(config.get('selection',
                                  predictor_lib.DEFAULT_SELECTION))
-    known = heads_lib.score_names(self.task.num_classes,
-                                  self.task.positive_from,
-                                  self.task.mean_heads)
+    known = heads_lib.score_names(
+        self.task.num_classes, self.task.positive_from,
+        self.task.mean_heads) if self.task.heads else set()
+    if self.task.landmarks:
+      known |= set(landmarks_lib.SCORE_NAMES)
     for name in selection:
       if name not in known:
         raise ValueError(
@@ -300,9 +330,14 @@ class Trainer:
             epoch=float(self.state.step) / self.steps_per_epoch))
     self.state = self.state.replace(method_state=jax.device_put(
         jax.tree.map(jnp.asarray, new_state), self.replicated))
-    return heads_lib.head_scores(labels, probs,
-                                 positive_from=self.task.positive_from,
-                                 mean_heads=self.task.mean_heads)
+    scores = heads_lib.head_scores(
+        labels, {h: probs[h] for h in self.task.head_names},
+        positive_from=self.task.positive_from,
+        mean_heads=self.task.mean_heads) if self.task.heads else {}
+    if self.task.landmarks:
+      scores.update(landmarks_lib.scores(
+          probs['landmarks'], *landmark_truth(self.task, self.cache, indices)))
+    return scores
 
   # -- the loop ----------------------------------------------------------------
 
@@ -404,7 +439,7 @@ class Trainer:
     result = write_report(self.workdir, self.config, self.task, self.cache,
                           indices, probs, sections=sections)
     count = self.config.get('gradcam_knees', 0)
-    if count and result is not None:
+    if count and result is not None and self.task.heads:
       # Imported here: Grad-CAM reads the predictor, which imports this
       # package.
       from koajax.evaluation import gradcam  # pylint: disable=g-import-not-at-top
@@ -432,6 +467,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     trainer.close()
   if result is None:
     return None
-  print(f'{config.method} test: {report.headline(result)}; '
+  print(f'{config.method} test: {headline(trainer.task, result)}; '
         f'report in {Path(workdir) / "metrics.json"}')
   return result
