@@ -130,6 +130,11 @@ SCENARIO = {
     '--config.method_kwargs.coherence=False': 'help',
     'python -m koajax.main --config=configs/coherence.py '
     '--workdir=/runs/coherence-paper': 'help',
+    # The localiser: its smoke preset runs end to end, with
+    # koajax.evaluate, in test_localizer_run.py.
+    'python -m koajax.main --config=configs/localizer.py:quick '
+    '--workdir=/tmp/koajax-localizer': 'help',
+    'python -m koajax.evaluate --workdir=/tmp/koajax-localizer': 'help',
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',
