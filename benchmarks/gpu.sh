@@ -21,7 +21,7 @@
 #   PEAK_TFLOPS   overrides the peak (default: by device kind)
 #   GPU_BUDGET_S  seconds for all stages together (default 600); a stage is
 #                 cut at what is left, and skipped when under 30 s are left
-#                 (the stages' own limits add up to 15 minutes: on the first
+#                 (the stages' own limits add up to 16 minutes: on the first
 #                 H200 run compiling took most of the time, and at 600 the
 #                 last stages may be skipped)
 set -uo pipefail
@@ -86,6 +86,9 @@ if (( dry )); then
   stage coherence_step 600 "$py" benchmarks/coherence_step.py "${steps[@]}" \
       --backbone=resnet18 --batch_size=2 --size=64 \
       --out="$out/coherence_step.json"
+  stage landmark_step 600 "$py" benchmarks/landmark_step.py --steps=1 \
+      --rounds=1 --cpu_devices=1 --batch_size=2 --size=64 \
+      --out="$out/landmark_step.json"
 else
   # JAX takes half the GPU's memory, not 75 %, so PyTorch has room beside it.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
@@ -121,6 +124,11 @@ else
   stage coherence_step 60 "$py" benchmarks/coherence_step.py "${steps[@]}" \
       --backbone=resnet50 --batch_size=16 --size=320 --dtype=bfloat16 \
       --out="$out/coherence_step.json"
+  # The localiser's fine stage at the default preset's 400 px: its step and
+  # its prediction (knees/s once the coarse stage has cut the ROIs).
+  stage landmark_step 60 "$py" benchmarks/landmark_step.py "${steps[@]}" \
+      --batch_size=32 --size=400 --dtype=bfloat16 \
+      --out="$out/landmark_step.json"
 fi
 
 "$py" benchmarks/gpu_report.py "$out" ${PEAK_TFLOPS:+--peak_tflops=$PEAK_TFLOPS} \

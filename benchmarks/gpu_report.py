@@ -3,8 +3,9 @@ r"""Gathers the JSON files of benchmarks/gpu.sh into one JSON and one table.
 Reads, from the folder given, whatever of these the script wrote:
   train_step*.json         SL and Semixup steps (batch, dtype, PyTorch eager
                            and torch.compile)
-  oarsi_step.json, confidence_step.json, coherence_step.json
-                           the method networks' steps
+  oarsi_step.json, confidence_step.json, coherence_step.json,
+  landmark_step.json       the method networks' steps (the localiser's also
+                           its prediction, `predict_img_s`)
   mc_dropout.json          the MC-dropout sweep's modes
   pipeline.json            the input pipeline by worker count
   stages.tsv               each stage's outcome (ok, failed, timed_out,
@@ -42,7 +43,8 @@ PEAK_BF16_TFLOPS = {'H200': 790.0, 'H100': 989.0, 'A100': 312.0}
 STEP_FILES = (('train_step', 'method', 'Semixup network'),
               ('oarsi_step', 'network', 'multi-task OARSI'),
               ('confidence_step', 'loss', 'Siamese-GAP'),
-              ('coherence_step', 'backbone', 'keypoint pooling'))
+              ('coherence_step', 'backbone', 'keypoint pooling'),
+              ('landmark_step', 'network', 'localiser fine stage'))
 TARGETS = {'semixup_vs_eager': 3.0, 'semixup_peak': 0.35, 'mc_vs_loop': 5.0,
            'pipeline_vs_step': 3.0}
 
@@ -75,6 +77,9 @@ def step_rows(folder: Path, peak: float | None) -> list[dict]:
                   for side, s in seconds.items()},
                'koajax_compile_s': r.get('koajax_compile_s'),
                'koajax_flops': r.get('koajax_flops')}
+        if r.get('predict_s'):
+          row['predict_img_s'] = (r['batch_size']
+                                  / statistics.median(r['predict_s']))
         if r.get('koajax_flops') and 'koajax' in seconds:
           row['koajax_tflop_s'] = r['koajax_flops'] / seconds['koajax'] / 1e12
           if peak:

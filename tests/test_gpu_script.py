@@ -76,7 +76,10 @@ def test_dry_mode_runs_every_stage_and_reports(tmp_path):
   report = json.loads((out / 'gpu.json').read_text())
   steps = report['steps']
   assert {s['family'] for s in steps} == {
-      'Semixup network', 'multi-task OARSI', 'Siamese-GAP', 'keypoint pooling'}
+      'Semixup network', 'multi-task OARSI', 'Siamese-GAP', 'keypoint pooling',
+      'localiser fine stage'}
+  localiser = next(s for s in steps if s['family'] == 'localiser fine stage')
+  assert localiser['koajax_img_s'] > 0 and localiser['predict_img_s'] > 0
   assert {(s['step'], s['dtype']) for s in steps
           if s['family'] == 'Semixup network'} == {
               ('supervised', 'float32'), ('supervised', 'bfloat16')}
@@ -100,7 +103,7 @@ def test_dry_mode_runs_every_stage_and_reports(tmp_path):
   assert [(r['stage'], r['outcome']) for r in report['stages']] == [
       (name, 'ok') for name in ('train_step_b2', 'mc_dropout', 'pipeline',
                                 'oarsi_step', 'confidence_step',
-                                'coherence_step')]
+                                'coherence_step', 'landmark_step')]
   # Each traced row's profile: device work found, busy no more than the span.
   assert sorted(p['trace'] for p in report['profiles']) == [
       'supervised_b2_bfloat16', 'supervised_b2_float32']
