@@ -27,6 +27,7 @@ issue's GPU targets are checked at the end of the Markdown:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 import statistics
@@ -147,8 +148,8 @@ def stage_rows(folder: Path) -> list[dict]:
   path = folder / 'stages.tsv'
   if not path.exists():
     return []
-  header, *rows = [line.split('\t') for line in path.read_text().splitlines()]
-  return [dict(zip(header, row)) for row in rows]
+  with path.open(newline='') as f:
+    return list(csv.DictReader(f, delimiter='\t'))
 
 
 def profiles(folder: Path) -> list[dict]:

@@ -2,6 +2,8 @@
 evaluation shift of a view and its points, and the checks that keep the
 landmark task, method and prediction settings together."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +71,17 @@ def test_the_landmark_task_and_method_go_together():
   with pytest.raises(ValueError, match='predict.crop=0'):
     predictor.check_settings(task, tta='five_crop', tta_crop=32,
                              ensemble='probs')
+
+
+def test_a_lost_prediction_is_an_outlier_and_the_report_stays_json(tmp_path):
+  true = np.zeros((2, 16, 2))
+  pred = np.zeros((2, 16, 2))
+  pred[1, 4] = np.nan  # knee 1 lost its joint centre
+  result = landmarks.write_report(
+      tmp_path, knee_ids=['a', 'b'], sides=['R', 'L'], pred=pred, true=true,
+      spacing=(0.5, 0.5), pixels='test')
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert saved['outliers'] == pytest.approx(1 / 32)
+  assert saved['centre']['mean_mm'] is None  # infinite: no JSON number
+  assert saved['centre']['within_2mm'] == 0.5
+  assert result['centre']['mean_mm'] == np.inf

@@ -117,14 +117,6 @@ def scores(pred: np.ndarray, true: np.ndarray,
           'landmarks/outliers': float((known >= OUTLIER_MM).mean())}
 
 
-def _json_ready(value):
-  if isinstance(value, dict):
-    return {k: _json_ready(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_json_ready(v) for v in value]
-  return None if isinstance(value, float) and not np.isfinite(value) else value
-
-
 def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
                  sides: Sequence[str], pred: np.ndarray, true: np.ndarray,
                  spacing: tuple[float, float], pixels: str,
@@ -133,7 +125,8 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
   ((n, K, 2) (x, y) in the pixels named by `pixels`, of `spacing` (row,
   col) mm); each file replaces its old self in one rename. Returns the
   metrics."""
-  from koajax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from koajax.evaluation import plots, report as report_lib
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   d = distances_mm(pred, true, spacing)
@@ -149,7 +142,8 @@ def write_report(out_dir: str | Path, *, knee_ids: Sequence[str],
             'spacing_mm': list(map(float, spacing)),
             **(sections or {}),
             'files': {'predictions': PREDICTIONS_CSV}}
-  text = json.dumps(_json_ready(result), indent=2, allow_nan=False) + '\n'
+  text = json.dumps(report_lib.json_ready(result), indent=2,
+                    allow_nan=False) + '\n'
   plots.write_atomically(out_dir / METRICS_JSON,
                          lambda path: path.write_text(text))
   return result

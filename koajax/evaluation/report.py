@@ -145,7 +145,8 @@ def headline(result: Mapping) -> str:
 
 
 def json_ready(value):
-  """NumPy scalars/arrays -> Python; NaN -> None (JSON has no NaN)."""
+  """NumPy scalars/arrays -> Python; NaN and +-Inf -> None (JSON has
+  neither)."""
   if isinstance(value, dict):
     return {str(k): json_ready(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
@@ -153,7 +154,7 @@ def json_ready(value):
   if isinstance(value, (np.integer, np.bool_)):
     return value.item()
   if isinstance(value, (float, np.floating)):
-    return None if math.isnan(value) else float(value)
+    return float(value) if math.isfinite(value) else None
   return value
 
 
