@@ -94,6 +94,15 @@ def _check_data(config) -> None:
   _real(config, 'data.roi_mm', 20.0, hi=400.0)
   _int(config, 'data.roi_px', 32, 4096)
   _int(config, 'data.workers', 0)
+  crops = ('knee', 'side')
+  if config.data.get('crop', 'knee') not in crops:
+    raise cli.BadInput(f'config field data.crop must be one of '
+                       f'{", ".join(crops)}; got {config.data.crop!r}')
+  localizer = config.data.get('localizer', '')
+  if localizer and source == 'cache':
+    raise cli.BadInput('config field data.localizer is for building a cache '
+                       'from radiographs; with data.source=cache the cache '
+                       'is already built: leave it empty')
 
 
 def _check_training(config) -> None:

@@ -61,6 +61,12 @@ def data_config(*, num_subjects: int = 560, seed: int = 0,
       'cache_dir': '',
       'roi_mm': 140.0,
       'roi_px': roi_px,
+      # 'knee': ROIs for grading; 'side': each knee's side of its film, the
+      # localiser's coarse views (koajax.data.build --crop).
+      'crop': 'knee',
+      # A trained localiser (folder of its coarse/ and fine/ runs) that
+      # finds the landmarks of knees the landmarks file lacks; '' skips them.
+      'localizer': '',
       # Processes used to generate and build; 0 means all cores.
       'workers': 0,
       # Logs and summary.json name knees by id only, no file paths.

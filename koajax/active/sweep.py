@@ -1,15 +1,18 @@
 r"""MC-dropout uncertainty sweep of a trained checkpoint over a pool of knees.
 
   python -m koajax.active.sweep --workdir=RUN [--split=unlabeled] \
-      [--cache=DIR | --manifest=CSV] [--samples=50] [--checkpoint=...] \
-      [--top_k=32] [--out=OUT]
+      [--cache=DIR | --manifest=CSV [--localizer=DIR]] [--samples=50] \
+      [--checkpoint=...] [--top_k=32] [--out=OUT]
 
 RUN is a `python -m koajax.main` training workdir (its config.json rebuilds
 the model, its checkpoints hold the weights); it is only read, so a
 read-only copy works and stays byte-identical. The pool is a split of the
 run's own data (--split: unlabeled, labeled, val or test), every knee of
 another koajax cache (--cache), or the knees of a DICOM manifest (--manifest,
-with landmarks.csv beside it; cached next to it on first use).
+with landmarks.csv beside it; cached next to it on first use). With
+--localizer (a trained localiser, `koajax.localize`) the knees without
+landmarks are localised, so an archive with neither grades nor landmarks
+can be scored.
 
 OUT (default RUN/sweep/<checkpoint>-<pool>) receives
   scores.csv       knee id, side, true grade (-1: ungraded), every score of
@@ -57,6 +60,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('cache', None, 'Pool: every knee of this koajax cache.')
   flags.DEFINE_string('manifest', None,
                       'Pool: the knees of this DICOM manifest CSV.')
+  flags.DEFINE_string('localizer', None,
+                      'With --manifest: a trained localiser folder (its '
+                      'coarse/ and fine/ runs) for knees without landmarks.')
   flags.DEFINE_integer('samples', 50, 'MC-dropout passes T.')
   flags.DEFINE_integer('samples_per_pass', None,
                        'Vmap this many of the T passes at once (less '
@@ -95,7 +101,8 @@ def _load_part(path: Path, knees: int) -> dict[str, np.ndarray] | None:
   return None
 
 
-def _pool(config, workdir, *, split: str, cache_dir, manifest):
+def _pool(config, workdir, *, split: str, cache_dir, manifest,
+          localizer=None):
   """(cache, indices, name) of the pool the flags describe."""
   from koajax import runtime
   from koajax import train
@@ -103,6 +110,9 @@ def _pool(config, workdir, *, split: str, cache_dir, manifest):
   from koajax.data import sources
   if cache_dir and manifest:
     raise ValueError('give --cache or --manifest, not both')
+  if localizer and not manifest:
+    raise ValueError('--localizer finds the landmarks of a --manifest\'s '
+                     'knees; give --manifest too')
   if cache_dir:
     cache = cache_lib.open_cache(cache_dir)
     return cache, np.arange(len(cache.index)), Path(cache_dir).name
@@ -110,6 +120,7 @@ def _pool(config, workdir, *, split: str, cache_dir, manifest):
     data = config.data.copy_and_resolve_references()
     data.source, data.manifest, data.cache_dir = 'manifest', str(manifest), ''
     data.landmarks = ''
+    data.crop, data.localizer = 'knee', str(localizer or '')
     cache = sources.resolve_cache(data)
     return cache, np.arange(len(cache.index)), Path(manifest).stem
   splits = train.saved_splits(workdir)
@@ -163,7 +174,7 @@ def score_pool(predictor, weights, cache, indices: np.ndarray, *, key,
 
 def sweep(workdir: str | Path, *, checkpoint: str = 'best',
           split: str = 'unlabeled', cache_dir=None, manifest=None,
-          num_samples: int = 50, samples_per_pass: int | None = None,
+          localizer=None, num_samples: int = 50, samples_per_pass: int | None = None,
           chunk_size: int = 64, top_k: int = 32, rank_by: str = 'bald',
           seed: int = 0, out=None) -> pd.DataFrame:
   """Runs the sweep and writes scores.csv and the figures; returns the table."""
@@ -179,7 +190,8 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best',
   from koajax.train import predictor as predictor_lib
 
   cache, indices, name = _pool(config, workdir, split=split,
-                               cache_dir=cache_dir, manifest=manifest)
+                               cache_dir=cache_dir, manifest=manifest,
+                               localizer=localizer)
   if not len(indices):
     raise ValueError(f'the pool {name!r} has no knees')
   task = tasks.from_config(config)
@@ -234,7 +246,7 @@ def main(argv):
   std_logging.getLogger('absl').setLevel(std_logging.ERROR)
   f = flags.FLAGS
   sweep(f.workdir, checkpoint=f.checkpoint, split=f.split, cache_dir=f.cache,
-        manifest=f.manifest, num_samples=f.samples,
+        manifest=f.manifest, localizer=f.localizer, num_samples=f.samples,
         samples_per_pass=f.samples_per_pass, chunk_size=f.chunk_size,
         top_k=f.top_k, rank_by=f.rank_by, seed=f.seed, out=f.out)
 

@@ -1,8 +1,8 @@
 """Builds the knee cache from a manifest of DICOM radiographs.
 
   python -m koajax.data.build --manifest=PATH --out=DIR \\
-      [--landmarks=PATH] [--roi_mm=140] [--roi_px=400] [--workers=N] \\
-      [--strict] [--redact_paths]
+      [--landmarks=PATH] [--localizer=DIR] [--crop=knee|side] \\
+      [--roi_mm=140] [--roi_px=400] [--workers=N] [--strict] [--redact_paths]
 
 Each radiograph is read once for all its knees (a bilateral film has two),
 files are processed in parallel, and the cache lists knees in a fixed order:
@@ -24,6 +24,21 @@ koajax cache, refused before anything is written; 130 interrupted. The
 cache is made beside DIR and replaces it in one step (`cache.CacheWriter`),
 so a build that fails or is killed, even with kill -9, leaves DIR as it was;
 the next build removes its partial folder.
+
+A knee without a row in the landmarks file is skipped, unless --localizer
+names a trained localiser (`koajax.localize`: a folder with its coarse and
+fine runs): its landmarks are then found on the film, the cache index
+records where each knee's landmarks came from (`landmarks_from`: 'file' or
+'localizer'), and a knee the localiser cannot find, or finds on the other
+side than the manifest says, is skipped with the reason.
+
+A film is bilateral when the manifest names both its knees or it is
+landscape (`preprocess.is_bilateral`); otherwise it holds the one knee its
+row names.
+
+--crop=side builds the localiser's coarse training data instead of knee
+ROIs: each knee's side of its film (`preprocess.extract_side`), roi_mm
+square at roi_px, with the knee's landmarks in its pixels.
 
 `iter_knees` is the build without the writing, for other dataset writers.
 """
@@ -60,6 +75,7 @@ log = logging.getLogger(__name__)
 
 PROGRAM = 'koajax.data.build'
 LANDMARKS_NAME = 'landmarks.csv'  # default, beside the manifest
+CROPS = ('knee', 'side')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +118,7 @@ class _KneeTask:
   side: str
   site: str
   grades: tuple[int, ...]
-  landmarks: np.ndarray
+  landmarks: np.ndarray | None  # None: for the localiser to find
   readers: tuple[tuple[str, int], ...] = ()  # (kl_reader_<name>, grade)
 
   @property
@@ -151,8 +167,9 @@ def _landmark_problem(landmarks: np.ndarray, shape: tuple[int, int]) -> str:
   return ''
 
 
-def _process_file(task: _FileTask, *, roi_mm: float,
-                  roi_px: int) -> list[cache.Knee | Skipped]:
+def _process_file(task: _FileTask, *, roi_mm: float, roi_px: int,
+                  crop: str = 'knee', localizer: str = ''
+                  ) -> list[cache.Knee | Skipped]:
   """Reads one radiograph and extracts each of its knees (worker side)."""
   ids = tuple(k.knee_id for k in task.knees)
   try:
@@ -169,23 +186,67 @@ def _process_file(task: _FileTask, *, roi_mm: float,
   background = preprocess.background_level(image)
   # The knee's messages name its file unless the file is named by its knees.
   named = '' if task.redacted else task.label
-  return [_extract(knee, named, image, spacing, background,
-                   roi_mm=roi_mm, roi_px=roi_px) for knee in task.knees]
+  bilateral = (len({k.side for k in task.knees}) > 1 or
+               preprocess.is_bilateral(image.shape, spacing))
+  found = _localise(task, localizer, image, spacing, background, bilateral)
+  return [
+      found[i] if isinstance(found.get(i), Skipped) else _extract(
+          knee, named, image, spacing, background, roi_mm=roi_mm,
+          roi_px=roi_px, crop=crop, bilateral=bilateral,
+          landmarks=found.get(i), localised=localizer != '')
+      for i, knee in enumerate(task.knees)]
+
+
+def _localise(task: _FileTask, localizer: str, image: np.ndarray,
+              spacing: tuple[float, float], background: float,
+              bilateral: bool) -> dict[int, np.ndarray | Skipped]:
+  """Landmarks (or why not) of the file's knees that have none, by their
+  position in `task.knees`."""
+  wanted = [i for i, k in enumerate(task.knees) if k.landmarks is None]
+  if not wanted:
+    return {}
+  from koajax import localize  # JAX: only in builds that localise
+  sides = [task.knees[i].side for i in wanted]
+  results = localize.load(localizer).locate(
+      image, spacing, sides, bilateral=bilateral, background=background)
+  suffix = '' if task.redacted else f' ({task.label})'
+  out: dict[int, np.ndarray | Skipped] = {}
+  for i, result in zip(wanted, results):
+    knee = task.knees[i]
+    if isinstance(result, localize.Found):
+      out[i] = result.landmarks
+    else:
+      out[i] = Skipped(knee.where, _one_line(f'{result.reason}{suffix}'),
+                       result.kind, (knee.knee_id,))
+  return out
 
 
 def _extract(knee: _KneeTask, path: str, image: np.ndarray,
              spacing: tuple[float, float], background: float, *,
-             roi_mm: float, roi_px: int) -> cache.Knee | Skipped:
-  """`path`: how messages name the file, '' for not at all."""
+             roi_mm: float, roi_px: int, crop: str = 'knee',
+             bilateral: bool = True, landmarks: np.ndarray | None = None,
+             localised: bool = False) -> cache.Knee | Skipped:
+  """`path`: how messages name the file, '' for not at all; `landmarks`:
+  found by the localiser for a knee without them in the file; `localised`:
+  the build localises, so the cache says where landmarks came from."""
   suffix = f' ({path})' if path else ''
-  problem = _landmark_problem(knee.landmarks, image.shape)
+  from_file = landmarks is None
+  if from_file:
+    landmarks = knee.landmarks
+  problem = _landmark_problem(landmarks, image.shape)
   if problem:
     return Skipped(knee.where, f'{problem}{suffix}', 'bad_landmarks',
                    (knee.knee_id,))
   try:
-    roi, keypoints = preprocess.extract_roi(
-        image, spacing, knee.landmarks, knee.side, roi_mm=roi_mm,
-        roi_px=roi_px, background=background)
+    if crop == 'side':
+      roi, geometry = preprocess.extract_side(
+          image, spacing, knee.side, bilateral=bilateral, view_mm=roi_mm,
+          view_px=roi_px, background=background)
+      keypoints = geometry.to_roi(landmarks).astype(np.float32)
+    else:
+      roi, keypoints = preprocess.extract_roi(
+          image, spacing, landmarks, knee.side, roi_mm=roi_mm,
+          roi_px=roi_px, background=background)
   except Exception as e:  # pylint: disable=broad-except
     # ValueError is the documented "unusable knee"; anything else is
     # unexpected but still costs one knee, not the build.
@@ -196,7 +257,9 @@ def _extract(knee: _KneeTask, path: str, image: np.ndarray,
   return cache.Knee(
       subject_id=knee.subject_id, visit=knee.visit, side=knee.side,
       site=knee.site, image=roi, keypoints=keypoints,
-      grades=np.asarray(knee.grades, np.int8), readers=dict(knee.readers))
+      grades=np.asarray(knee.grades, np.int8), readers=dict(knee.readers),
+      landmarks_from=('' if not localised else
+                      'file' if from_file else 'localizer'))
 
 
 def _knees_label(ids: Sequence[str]) -> str:
@@ -205,8 +268,8 @@ def _knees_label(ids: Sequence[str]) -> str:
 
 def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
                                                 np.ndarray],
-          landmarks_name: str, redact_paths: bool = False
-          ) -> tuple[list[Skipped], list[_FileTask]]:
+          landmarks_name: str, redact_paths: bool = False,
+          localise: bool = False) -> tuple[list[Skipped], list[_FileTask]]:
   """Row-level skips, and the files to read with their knees."""
   skipped: list[Skipped] = []
   by_path: dict[str, list[_KneeTask]] = {}
@@ -222,7 +285,7 @@ def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
                              getattr(r, manifest_lib.PROBLEM_KIND), knee_ids))
       continue
     points = landmarks.get((r.subject_id, r.visit, r.side))
-    if points is None:
+    if points is None and not localise:
       skipped.append(Skipped(
           label, f'no landmarks for this knee; add it to {landmarks_name}',
           'no_landmarks', knee_ids))
@@ -232,7 +295,8 @@ def _plan(df: pd.DataFrame, landmarks: Mapping[manifest_lib.KneeKey,
     by_path.setdefault(path, []).append(_KneeTask(
         row=r.row, subject_id=r.subject_id, visit=r.visit, side=r.side,
         site=r.site, grades=tuple(getattr(r, g) for g in schema.GRADES),
-        landmarks=np.asarray(points, np.float64),
+        landmarks=None if points is None else np.asarray(points,
+                                                          np.float64),
         readers=() if readers is None else tuple(
             zip(reader_columns, map(int, readers[i])))))
   tasks = []
@@ -276,6 +340,8 @@ def iter_knees(
     workers: int | None = None,
     landmarks_name: str = LANDMARKS_NAME,
     redact_paths: bool = False,
+    crop: str = 'knee',
+    localizer: str = '',
 ) -> Iterator[cache.Knee | Skipped]:
   """Preprocesses every knee of a manifest.
 
@@ -289,6 +355,9 @@ def iter_knees(
     workers: processes; None = all cores, 1 = in this process.
     landmarks_name: how to name the landmarks file in messages.
     redact_paths: name files by their knees' ids, never by path.
+    crop: 'knee' (ROIs) or 'side' (the coarse localiser's views).
+    localizer: a localiser folder (`koajax.localize`) for the knees without
+      landmarks; '' skips them.
 
   Yields:
     First a `Skipped` for every unusable manifest row, then per file (in
@@ -299,9 +368,11 @@ def iter_knees(
   df = manifest_df
   if manifest_lib.PROBLEM not in df.columns:
     df = manifest_lib.validate_manifest(df)
-  skipped, tasks = _plan(df, landmarks, landmarks_name, redact_paths)
+  skipped, tasks = _plan(df, landmarks, landmarks_name, redact_paths,
+                         localise=bool(localizer))
   yield from skipped
-  work = functools.partial(_process_file, roi_mm=roi_mm, roi_px=roi_px)
+  work = functools.partial(_process_file, roi_mm=roi_mm, roi_px=roi_px,
+                           crop=crop, localizer=str(localizer or ''))
   for results in _run(tasks, work, workers or default_workers()):
     yield from results
 
@@ -333,6 +404,8 @@ def build_cache(
     workers: int | None = None,
     strict: bool = False,
     redact_paths: bool = False,
+    crop: str = 'knee',
+    localizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
   """Builds a cache from a manifest; see the module docstring.
 
@@ -347,6 +420,10 @@ def build_cache(
     strict: fail if anything at all is skipped.
     redact_paths: name knees by id only: no file path in logs or the
       summary.
+    crop: 'knee' (ROIs for grading) or 'side' (the coarse localiser's
+      training views).
+    localizer: a trained localiser's folder (`koajax.localize`) that finds
+      the landmarks of knees the landmarks file lacks; None skips them.
 
   Returns:
     The summary also written to out_dir/summary.json.
@@ -363,19 +440,30 @@ def build_cache(
   landmarks = Path(landmarks) if landmarks else manifest.with_name(
       LANDMARKS_NAME)
   out_dir = Path(out_dir)
-  _check_options(roi_mm=roi_mm, roi_px=roi_px, workers=workers)
+  _check_options(roi_mm=roi_mm, roi_px=roi_px, workers=workers, crop=crop)
   cache.check_output_dir(out_dir, 'the cache')
   df = manifest_lib.read_manifest(manifest)
-  points = manifest_lib.read_landmarks(
-      landmarks, shown='the landmarks file' if redact_paths else None)
+  if localizer and not landmarks.exists():
+    points = {}  # every knee is localised
+  else:
+    points = manifest_lib.read_landmarks(
+        landmarks, shown='the landmarks file' if redact_paths else None)
+  if localizer:
+    from koajax import localize  # JAX: only in builds that localise
+    # Refused here, before anything is written, if it is not a localiser;
+    # an in-process build uses this one.
+    localize.load(str(localizer))
   where = 'the cache folder' if redact_paths else str(out_dir)
   skipped: list[Skipped] = []
   writer = None
+  localised = 0
   try:
-    writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px)
+    writer = cache.CacheWriter(out_dir, roi_mm=roi_mm, roi_px=roi_px,
+                               extra_meta={'crop': crop})
     items = iter_knees(df, points, roi_mm=roi_mm, roi_px=roi_px,
                        workers=workers, landmarks_name=landmarks.name,
-                       redact_paths=redact_paths)
+                       redact_paths=redact_paths, crop=crop,
+                       localizer=str(localizer or ''))
     with tqdm_logging.logging_redirect_tqdm(), tqdm.tqdm(
         total=len(df), unit='knee', desc='building', disable=None) as bar:
       for item in items:
@@ -385,6 +473,7 @@ def build_cache(
           bar.update(item.num_knees)
         else:
           writer.add(item)
+          localised += item.landmarks_from == 'localizer'
           bar.update(1)
   except BaseException as e:
     if writer is not None:
@@ -395,9 +484,12 @@ def build_cache(
     raise
   files = ({'paths_redacted': True} if redact_paths else
            {'manifest': str(manifest), 'landmarks': str(landmarks)})
+  if localizer:
+    files.update({'localizer': '' if redact_paths else str(localizer),
+                  'knees_localised': localised})
   summary = _summary(skipped, len(writer), len(df),
                      time.perf_counter() - start, **files,
-                     roi_mm=float(roi_mm), roi_px=int(roi_px))
+                     roi_mm=float(roi_mm), roi_px=int(roi_px), crop=crop)
   failure = ('no knee could be built' if not len(writer) else
              'knees were skipped and --strict is set' if strict and skipped
              else '')
@@ -414,8 +506,10 @@ def build_cache(
   return summary
 
 
-def _check_options(*, roi_mm: float, roi_px: int,
-                   workers: int | None) -> None:
+def _check_options(*, roi_mm: float, roi_px: int, workers: int | None,
+                   crop: str = 'knee') -> None:
+  if crop not in CROPS:
+    raise cli.BadInput(f'--crop={crop}: choose {" or ".join(CROPS)}')
   if not (np.isfinite(roi_mm) and roi_mm > 0):
     raise cli.BadInput(f'--roi_mm={roi_mm:g}: give the ROI side in mm, > 0')
   if roi_px < 8:
@@ -443,6 +537,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--landmarks', default=None,
                       help='landmarks CSV (default: landmarks.csv beside the '
                       'manifest)')
+  parser.add_argument('--localizer', default=None,
+                      help='trained localiser folder (its coarse/ and fine/ '
+                      'runs): finds the landmarks of knees that have none')
+  parser.add_argument('--crop', default='knee', choices=CROPS,
+                      help="knee: ROIs for grading; side: each knee's side "
+                      "of its film, the localiser's coarse training views")
   parser.add_argument('--roi_mm', type=float, default=140.0)
   parser.add_argument('--roi_px', type=int, default=400)
   parser.add_argument('--workers', type=int, default=None,
@@ -466,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = build_cache(
         args.manifest, args.out, landmarks=args.landmarks,
         roi_mm=args.roi_mm, roi_px=args.roi_px, workers=args.workers,
-        strict=args.strict, redact_paths=args.redact_paths)
+        strict=args.strict, redact_paths=args.redact_paths, crop=args.crop,
+        localizer=args.localizer)
   except BuildError as e:
     # An outcome of the data rather than a fault: one line, no traceback.
     print(f'{PROGRAM}: failed: {cli.message(e)}', file=sys.stderr)

@@ -5,7 +5,9 @@ A cache directory holds
   knees.array_record  one record per knee (msgpack: ROI image, keypoints, grades)
   index.csv           one row per record, in record order: ids, site, grades
                       and kl_reader_<name> per further reader (KL grade, -1
-                      when not graded; only in the index, not the records)
+                      when not graded; only in the index, not the records),
+                      and, in a cache built with a localiser,
+                      landmarks_from: 'file' or 'localizer' per knee
   summary.json        what the build made and every input it skipped, and why
   meta.json           written last; a directory without it is not a cache
 
@@ -46,6 +48,7 @@ RECORDS = 'knees.array_record'
 INDEX = 'index.csv'
 SUMMARY = 'summary.json'
 META = 'meta.json'
+LANDMARKS_FROM = 'landmarks_from'  # index column: 'file' or 'localizer'
 
 
 @dataclasses.dataclass
@@ -60,6 +63,8 @@ class Knee:
   grades: np.ndarray  # (7,) int8 in schema.GRADES order; -1 = not graded
   # kl_reader_<name> -> KL grade of a further reader, -1 = not graded.
   readers: dict[str, int] = dataclasses.field(default_factory=dict)
+  # 'file' or 'localizer' in a build that localises knees, else ''.
+  landmarks_from: str = ''
 
   @property
   def knee_id(self) -> str:
@@ -185,6 +190,7 @@ class CacheWriter:
     self._meta = {'roi_mm': float(roi_mm), 'roi_px': int(roi_px),
                   **(extra_meta or {})}
     self._ids: set[str] = set()
+    self._landmarks_from = False  # a knee said where its landmarks are from
     self._closed = False
     try:
       self._work = atomic.new_partial(self._target)
@@ -207,6 +213,9 @@ class CacheWriter:
            'visit': int(knee.visit), 'side': knee.side, 'site': knee.site}
     row.update({g: int(v) for g, v in zip(schema.GRADES, knee.grades)})
     row.update({c: int(v) for c, v in knee.readers.items()})
+    if knee.landmarks_from:
+      row[LANDMARKS_FROM] = knee.landmarks_from
+      self._landmarks_from = True
     self._readers.update(dict.fromkeys(knee.readers))
     self._rows.append(row)
 
@@ -221,7 +230,8 @@ class CacheWriter:
     try:
       self._writer.close()
       columns = ['knee_id', 'subject_id', 'visit', 'side', 'site',
-                 *schema.GRADES, *self._readers]
+                 *schema.GRADES, *self._readers,
+                 *([LANDMARKS_FROM] if self._landmarks_from else [])]
       index = pd.DataFrame(self._rows, columns=columns)
       for column in self._readers:
         # A knee without the column was not graded by that reader.

@@ -16,6 +16,10 @@ and the whole crop-rotate-scale-flip is a single affine map sampled once
 (bilinear), after a Gaussian prefilter that stops aliasing when the patch is
 coarser than the image.
 
+`extract_side` is where a localiser starts on a film without landmarks: a
+coarse square view of one knee's side (its half of a bilateral film, or a
+whole single-knee film), axis-aligned, left sides mirrored the same way.
+
 Intensity follows the reference pipeline (Tiulpin et al.): clip to the 5th..
 99th percentile of the patch, then global contrast normalisation, which in
 that pipeline is a linear stretch of the clipped range onto 0..255.
@@ -94,6 +98,82 @@ def roi_geometry(landmarks: np.ndarray, spacing: tuple[float, float],
   offset = np.asarray(landmarks[schema.JOINT_CENTRE], np.float64) - (
       matrix @ np.array([centre, centre]))
   return RoiGeometry(matrix=matrix, offset=offset, roi_px=roi_px)
+
+
+# A film this much wider than tall (in mm) holds both knees side by side.
+BILATERAL_ASPECT = 1.1
+
+
+def is_bilateral(shape: tuple[int, int], spacing: tuple[float, float]
+                 ) -> bool:
+  """Whether a film of `shape` (rows, cols) holds both knees: bilateral
+  posterior-anterior films are landscape, single-knee films portrait or
+  square."""
+  rows, cols = shape
+  return cols * spacing[1] > BILATERAL_ASPECT * rows * spacing[0]
+
+
+def side_geometry(shape: tuple[int, int], spacing: tuple[float, float],
+                  side: str, *, bilateral: bool, view_mm: float,
+                  view_px: int) -> RoiGeometry:
+  """The coarse localiser's view of one knee's side of a film.
+
+  An axis-aligned square of `view_mm` at `view_mm / view_px` mm per pixel
+  centred on the side's half of a bilateral film (the right knee lies on
+  the image left in a posterior-anterior view) or on the whole of a
+  single-knee film; left knees mirrored, as `roi_geometry` mirrors them.
+  Nothing about the knee is needed: this is where a localiser starts.
+  """
+  if side not in schema.SIDES:
+    raise ValueError(f"side must be 'R' or 'L', got {side!r}")
+  rows, cols = shape
+  mm_per_image_px = np.array([spacing[1], spacing[0]], np.float64)  # (x, y)
+  mirror = -1.0 if side == 'L' else 1.0
+  matrix = np.diag([mirror, 1.0]) * (
+      view_mm / view_px / mm_per_image_px[:, None])
+  # Pixel centres are at integers, so the film spans -0.5 .. cols - 0.5.
+  if bilateral:
+    x = cols / 4 - 0.5 if side == 'R' else 3 * cols / 4 - 0.5
+  else:
+    x = (cols - 1) / 2
+  centre = (view_px - 1) / 2
+  offset = np.array([x, (rows - 1) / 2]) - matrix @ np.array([centre, centre])
+  return RoiGeometry(matrix=matrix, offset=offset, roi_px=view_px)
+
+
+def extract_side(
+    image: np.ndarray,
+    spacing: tuple[float, float],
+    side: str,
+    *,
+    bilateral: bool,
+    view_mm: float = 256.0,
+    view_px: int = 256,
+    background: float | None = None,
+) -> tuple[np.ndarray, RoiGeometry]:
+  """The coarse view of one side (`side_geometry`) as a uint8 image.
+
+  Of a bilateral film only the side's half is shown (the other half is
+  filled with `background`, like the world beyond the film), so the view
+  holds one knee.
+
+  Returns:
+    (view, geometry): (view_px, view_px) uint8 and its map to the film.
+  """
+  if image.ndim != 2:
+    raise ValueError(f'image has shape {image.shape}, expected 2-D')
+  geometry = side_geometry(image.shape, spacing, side, bilateral=bilateral,
+                           view_mm=view_mm, view_px=view_px)
+  if background is None:
+    background = background_level(image)
+  view = _sample(image, geometry)
+  if bilateral:
+    # Columns of the view whose film x lies in the other half.
+    x = geometry.matrix[0, 0] * np.arange(view_px) + geometry.offset[0]
+    middle = image.shape[1] / 2 - 0.5
+    other = x > middle if side == 'R' else x < middle
+    view[:, other] = np.nan
+  return to_uint8(view, fill=background), geometry
 
 
 def background_level(image: np.ndarray) -> float:

@@ -72,14 +72,14 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
   if cfg.source == 'synthetic':
     raw = ensure_synthetic(cfg)
     manifest, landmarks = raw / 'manifest.csv', raw / 'landmarks.csv'
-    default_cache = synthetic_dir(cfg) / f'cache-roi{cfg.roi_px}'
+    default_cache = synthetic_dir(cfg) / _cache_name(cfg)
   elif cfg.source == 'manifest':
     if not cfg.manifest:
       raise ValueError("data.source='manifest' needs data.manifest")
     manifest = Path(cfg.manifest).expanduser()
     landmarks = (Path(cfg.landmarks).expanduser() if cfg.landmarks
                  else manifest.with_name('landmarks.csv'))
-    default_cache = manifest.with_name(f'koajax-cache-roi{cfg.roi_px}')
+    default_cache = manifest.with_name(f'koajax-{_cache_name(cfg)}')
   else:
     raise ValueError(f'unknown data.source {cfg.source!r}; '
                      "use 'synthetic', 'manifest' or 'cache'")
@@ -87,20 +87,25 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
   # data.redact_paths (where a config has it): knees by id only in the
   # build's logs and summary.
   redact = bool(cfg.get('redact_paths', False))
+  crop = cfg.get('crop', 'knee')
+  localizer = cfg.get('localizer', '')
   shown = 'the cache folder' if redact else cache_dir
   built_now = not cache.is_complete(cache_dir)
   if built_now:
     log.info('Building the knee cache in %s', shown)
     build.build_cache(manifest, cache_dir, landmarks=landmarks,
                       roi_mm=cfg.roi_mm, roi_px=cfg.roi_px,
-                      workers=_workers(cfg), redact_paths=redact)
+                      workers=_workers(cfg), redact_paths=redact, crop=crop,
+                      localizer=localizer or None)
   opened = cache.open_cache(cache_dir)
-  built = (opened.meta['roi_mm'], opened.meta['roi_px'])
-  if built != (cfg.roi_mm, cfg.roi_px):
+  built = (opened.meta['roi_mm'], opened.meta['roi_px'],
+           opened.meta.get('crop', 'knee'))
+  if built != (cfg.roi_mm, cfg.roi_px, crop):
     raise ValueError(
         f'{cache_dir} was built with roi_mm={built[0]}, roi_px={built[1]}, '
-        f'but the config asks for roi_mm={cfg.roi_mm}, roi_px={cfg.roi_px}; '
-        f'set data.cache_dir to another folder or rebuild this one')
+        f'crop={built[2]}, but the config asks for roi_mm={cfg.roi_mm}, '
+        f'roi_px={cfg.roi_px}, crop={crop}; set data.cache_dir to another '
+        'folder or rebuild this one')
   # The default cache belongs to its manifest; a cache named in the config
   # may have been built from another one.
   ours = not cfg.cache_dir or _built_from(cache_dir, manifest)
@@ -109,6 +114,14 @@ def resolve_cache(cfg: ml_collections.ConfigDict) -> cache.Cache:
     log.info('Updated the reader columns of the cache index in %s', shown)
     opened = cache.open_cache(cache_dir)
   return opened
+
+
+def _cache_name(cfg: ml_collections.ConfigDict) -> str:
+  """The default cache folder's name: what it holds, and whether its
+  landmarks were found by a localiser."""
+  crop = cfg.get('crop', 'knee')
+  name = f"cache-{'roi' if crop == 'knee' else crop}{cfg.roi_px}"
+  return name + ('-localised' if cfg.get('localizer', '') else '')
 
 
 def _built_from(cache_dir: Path, manifest: Path) -> bool:

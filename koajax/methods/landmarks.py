@@ -13,6 +13,14 @@ Jitter is what makes the localiser find a knee that is not where the
 training ROIs put it: the translation (`max_translation`, view pixels)
 should cover how far from the ROI's centre a knee may sit when the ROI
 comes from a coarse localisation rather than from the truth.
+
+`mirror` is the share of knees also flipped left-right with their points
+flipped but not renumbered: lateral points stay on the lateral bone, now on
+the other side of the view. A network so trained reads the knee's side from
+its anatomy (the fibula is lateral), which is how the localiser checks a
+manifest's side against the image (`koajax.localize`). The coarse stage
+uses it; the fine stage sees every knee as the cache stores it, as a right
+knee.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class Landmarks(methods.Method):
   max_translation: float = 16.0  # view pixels, per axis
   max_rotation_deg: float = 10.0
   scale_range: tuple[float, float] = (0.9, 1.1)
+  mirror: float = 0.0  # share of knees flipped left-right, points unnumbered
 
   def loss(self, forward, batch, key, *, epoch, state):
     del epoch, state
@@ -44,6 +53,14 @@ class Landmarks(methods.Method):
         labeled['keypoints'], max_translation=self.max_translation,
         max_rotation_deg=self.max_rotation_deg,
         scale_range=tuple(self.scale_range))
+    if self.mirror:
+      # A key of its own: runs without mirroring draw as before.
+      flip = jax.random.bernoulli(jax.random.fold_in(key, 1), self.mirror,
+                                  (images.shape[0],))
+      images = jnp.where(flip[:, None, None], images[:, :, ::-1], images)
+      width = images.shape[-1]
+      mirrored = points.at[..., 0].set(width - 1 - points[..., 0])
+      points = jnp.where(flip[:, None, None], mirrored, points)
     pred = forward(augment.normalise(images), k_fwd)['landmarks']
     # The epsilon keeps the gradient finite at a perfect point.
     distance = jnp.sqrt(jnp.sum((pred - points) ** 2, axis=-1) + 1e-6)
@@ -61,6 +78,9 @@ def _create(task, **options) -> Landmarks:
     raise cli.BadInput(
         "method landmarks reads the knees' landmarks: set view='keypoints' "
         f'(the {task.view!r} view has none)')
+  if not 0.0 <= options.get('mirror', 0.0) <= 1.0:
+    raise cli.BadInput(f"method_kwargs.mirror={options['mirror']}: give the "
+                       'share of knees to flip, 0..1')
   if 'scale_range' in options:
     options['scale_range'] = tuple(options['scale_range'])
   return Landmarks(**options)
