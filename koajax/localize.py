@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,6 @@ from koajax.train import predictor as predictor_lib
 from koajax.train import step as step_lib
 
 STAGES = ('coarse', 'fine')
-BATCH = 4  # views per network call
 LATERAL = (0, 1, 2, 3, 9, 10, 11)
 MEDIAL = (5, 6, 7, 8, 13, 14, 15)
 
@@ -107,9 +107,12 @@ class Stage:
   mirror: float  # the share of mirrored knees it was trained with
   fn: Any
   member: predictor_lib.Member
+  # Views per call, padded to it: one compiled program (the coarse stage
+  # sees the two knees of a film, the fine stage each twice).
+  batch: int = 2
 
   @classmethod
-  def load(cls, workdir: Path, want: str) -> Stage:
+  def load(cls, workdir: Path, want: str, batch: int) -> Stage:
     try:
       config = config_lib.load_run_config(workdir)
     except FileNotFoundError as e:
@@ -130,14 +133,15 @@ class Stage:
                mirror=float(config.method_kwargs.get('mirror', 0.0)),
                fn=jax.jit(functools.partial(_forward,
                                             graphdef=member.graphdef)),
-               member=member)
+               member=member, batch=batch)
 
   def __call__(self, rois: list[np.ndarray]) -> np.ndarray:
-    """Points (n, K, 2) in the pixels of n <= 4 ROIs (roi_px^2 uint8)."""
+    """Points (n, K, 2) in the pixels of n <= `batch` ROIs (roi_px^2
+    uint8)."""
     images = np.stack([views.whole_knee(r, self.size) for r in rois])
     n = len(images)
-    # Always four (two looks at the two knees of a film): one program.
-    padded = np.concatenate([images, np.repeat(images[-1:], BATCH - n, 0)])
+    padded = np.concatenate([images,
+                             np.repeat(images[-1:], self.batch - n, 0)])
     points = jax.device_get(self.fn(
         self.member.params, self.member.extra, self.member.input_norm,
         padded))
@@ -164,8 +168,8 @@ class Localizer:
           f'--localizer={path}: expected the runs {root}/coarse and '
           f'{root}/fine (configs/localizer.py), {" and ".join(missing)} '
           'missing')
-    return cls(Stage.load(root / 'coarse', 'side'),
-               Stage.load(root / 'fine', 'knee'), **limits)
+    return cls(Stage.load(root / 'coarse', 'side', batch=2),
+               Stage.load(root / 'fine', 'knee', batch=4), **limits)
 
   def locate(self, image: np.ndarray, spacing: tuple[float, float],
              sides: list[str], *, bilateral: bool,
@@ -257,4 +261,6 @@ def _mirrored(points: np.ndarray) -> bool:
 @functools.cache
 def load(path: str) -> Localizer:
   """The localiser at `path`, loaded once per process (build workers)."""
+  # Orbax warns about every read-only checkpoint folder it opens.
+  logging.getLogger('absl').setLevel(logging.ERROR)
   return Localizer.load(path)
