@@ -8,6 +8,12 @@ refused, by reason. Time per film is split into reading the DICOM, cutting
 the views and the two networks; the first `--warmup` films (compilation)
 are not timed.
 
+With --single, each bilateral film is cut at its middle into two single-knee
+films (each half as a film of its own: portrait, so single by
+`preprocess.is_bilateral`), and every knee is localised on its half twice:
+with its own side, scored as above, and with the other side, where a
+localiser whose coarse stage learnt sides should refuse it ('laterality').
+
 Run (the synthetic set of another seed than the localiser's training data):
   python -m koajax.data.synthetic --out=/tmp/knees-s1 --num_subjects=560 --seed=1
   python benchmarks/localize_films.py --localizer=/tmp/koajax-localizer \
@@ -41,6 +47,9 @@ _LANDMARKS = flags.DEFINE_string('landmarks', None, 'True landmarks CSV '
 _SITES = flags.DEFINE_list('sites', [], 'Only these sites (default all).')
 _FILMS = flags.DEFINE_integer('films', 0, 'At most this many films (0: all).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed films first.')
+_SINGLE = flags.DEFINE_bool('single', False, 'Localise each knee on its half '
+                            'of the film, as a single-knee film, with its side '
+                            'and with the other side.')
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 
@@ -80,6 +89,7 @@ def main(argv):
   loc.coarse.fn = _Timed(loc.coarse.fn, 'coarse network', totals)
   loc.fine.fn = _Timed(loc.fine.fn, 'fine network', totals)
   pred, true, spacings, refused = [], [], [], collections.Counter()
+  other_side = collections.Counter()  # --single: told the other side
   timed = 0
   for n, (path, knees) in enumerate(films):
     if n == _WARMUP.value:
@@ -88,11 +98,28 @@ def main(argv):
     begin = time.perf_counter()
     image, spacing = dicom_io.read_radiograph(manifest.parent / path)
     totals['read'] += time.perf_counter() - begin
+    timed += n >= _WARMUP.value
+    if _SINGLE.value:
+      # The right knee on the image's left half, the left on its right.
+      half = image.shape[1] // 2
+      cuts = {'R': (image[:, :half], 0), 'L': (image[:, half:], half)}
+      for knee in knees.itertuples(index=False):
+        film, x0 = cuts[knee.side]
+        [result] = loc.locate(film, spacing, [knee.side], bilateral=False)
+        other = {'R': 'L', 'L': 'R'}[knee.side]
+        [wrong] = loc.locate(film, spacing, [other], bilateral=False)
+        other_side[getattr(wrong, 'kind', 'found')] += 1
+        if isinstance(result, localize.Refused):
+          refused[result.kind] += 1
+          continue
+        pred.append(result.landmarks + [x0, 0])
+        true.append(truth[(knee.subject_id, int(knee.visit), knee.side)])
+        spacings.append(spacing)
+      continue
     sides = list(knees['side'])
     bilateral = len(set(sides)) > 1 or preprocess.is_bilateral(image.shape,
                                                                spacing)
     results = loc.locate(image, spacing, sides, bilateral=bilateral)
-    timed += n >= _WARMUP.value
     for result, knee in zip(results, knees.itertuples(index=False)):
       if isinstance(result, localize.Refused):
         refused[result.kind] += 1
@@ -110,13 +137,17 @@ def main(argv):
       'manifest': str(manifest), 'sites': _SITES.value or 'all',
       'films': len(films), 'knees': int(len(frame) if not _FILMS.value else
                                          sum(len(k) for _, k in films)),
+      'single_knee_films': _SINGLE.value,
       'found': len(pred), 'refused': dict(refused),
+      'told_the_other_side': dict(other_side),
       'films_per_second': timed / seconds,
       'seconds_per_film': per_film, 'accuracy': report}
   print(f'{summary()}\n')
   print(f'{len(films)} films, {result["knees"]} knees: {len(pred)} found, '
         f'refused {dict(refused) or "none"}; {result["films_per_second"]:.2f} '
-        'films/s in one process')
+        'films/s in one process' + (
+            '; each knee on its half-film, and told the other side: '
+            f'{dict(other_side)}' if _SINGLE.value else ''))
   print('\n| per film | ms |\n|---|---|')
   for name, value in per_film.items():
     print(f'| {name} | {1000 * value:.1f} |')

@@ -231,3 +231,38 @@ def test_side_crop_builds_the_coarse_views(tmp_path):
                                rtol=1e-5, atol=1e-4)
   with pytest.raises(cli.BadInput, match='--crop=middle'):
     build.build_cache(manifest, tmp_path / 'x', crop='middle')
+
+
+def test_a_config_with_a_localizer_builds_its_own_cache(tmp_path, standin):
+  """data.localizer (what `koajax.active.sweep --localizer` sets): the
+  manifest's knees without landmarks are localised into a cache of its own
+  beside the manifest, apart from the one built with landmarks only."""
+  from koajax import config_lib
+  from koajax.data import sources
+  manifest = _manifest(tmp_path, {'S01_R'})
+  data = config_lib.data_config(roi_px=48)
+  data.update({'source': 'manifest', 'manifest': str(manifest),
+               'roi_mm': 100.0, 'localizer': 'LOC', 'workers': 1})
+  cache = sources.resolve_cache(data)
+  assert cache.dir == tmp_path / 'koajax-cache-roi48-localised'
+  assert cache.index['landmarks_from'].tolist() == ['file'] + [
+      'localizer'] * 3
+  data.localizer = ''
+  assert len(sources.resolve_cache(data)) == 1  # koajax-cache-roi48
+
+
+def test_a_localiser_failing_on_a_film_costs_its_knees_only(tmp_path,
+                                                          monkeypatch):
+  class Broken:
+    def locate(self, image, *args, **kwargs):
+      if image.shape:  # every film
+        raise FloatingPointError('the network diverged')
+
+  monkeypatch.setattr(localize, 'load', lambda path: Broken())
+  manifest = _manifest(tmp_path, {'S01_R', 'S01_L'})
+  summary = build.build_cache(manifest, tmp_path / 'cache', workers=1,
+                              localizer='LOC', **films.ROI)
+  assert summary['knees_built'] == 2
+  assert summary['skipped_by_reason'] == {'unexpected': 2}
+  assert ('unexpected error localising: FloatingPointError: the network '
+          'diverged (S02.dcm)') in summary['skipped'][0]['reason']

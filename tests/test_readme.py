@@ -58,7 +58,8 @@ SCENARIO = {
     '--images=images.csv --out=manifest.csv [--sites=Enrollees.txt]': 'help',
     'python -m koajax.data.png_folders --root=DIR --out=DIR': 'help',
     'python -m koajax.data.build --manifest=PATH --out=DIR [--landmarks=PATH] '
-    '[--roi_mm=140] [--roi_px=400] [--workers=N] [--strict]':
+    '[--localizer=DIR] [--roi_mm=140] [--roi_px=400] [--workers=N] '
+    '[--strict]':
         ['koajax.data.build', '--manifest={tmp}/raw/manifest.csv',
          '--out={tmp}/built', '--roi_mm=140', '--roi_px=128', '--workers=1'],
     # The paper's setting on the full embedded data: hours; its splits are
@@ -130,11 +131,22 @@ SCENARIO = {
     '--config.method_kwargs.coherence=False': 'help',
     'python -m koajax.main --config=configs/coherence.py '
     '--workdir=/runs/coherence-paper': 'help',
-    # The localiser: its smoke preset runs end to end, with
-    # koajax.evaluate, in test_localizer_run.py.
+    # The localiser: the smoke presets of both stages run end to end, with
+    # koajax.evaluate and a build with --localizer (real chest and
+    # extremity CRs refused), in test_localizer_run.py.
+    'python -m koajax.main --config=configs/localizer.py:coarse_quick '
+    '--workdir=/tmp/koajax-localizer/coarse': 'help',
     'python -m koajax.main --config=configs/localizer.py:quick '
-    '--workdir=/tmp/koajax-localizer': 'help',
-    'python -m koajax.evaluate --workdir=/tmp/koajax-localizer': 'help',
+    '--workdir=/tmp/koajax-localizer/fine': 'help',
+    'python -m koajax.evaluate --workdir=/tmp/koajax-localizer/fine': 'help',
+    # Generation runs above at 3 subjects.
+    'python -m koajax.data.synthetic --out=/tmp/knees-s1 --num_subjects=560 '
+    '--seed=1': 'help',
+    'python -m koajax.data.build --manifest=/tmp/knees-s1/manifest.csv '
+    '--out=/tmp/knees-s1-cache --localizer=/tmp/koajax-localizer': 'help',
+    'python -m koajax.main --config=configs/supervised.py:quick '
+    '--workdir=/tmp/koajax-sl-localised --config.data.source=cache '
+    '--config.data.cache_dir=/tmp/knees-s1-cache': 'help',
     'python -m koajax.main --config=configs/active_learning.py:quick '
     '--workdir=/tmp/koajax-al':
         ['koajax.main', '--config=configs/active_learning.py:smoke',
@@ -154,8 +166,11 @@ SCENARIO = {
     '--split=unlabeled --samples=50':
         ['koajax.active.sweep', '--workdir={tmp}/koajax-semixup',
          '--split=unlabeled', '--samples=50'],
+    # Without --localizer here: the manifest has its landmarks (a localiser
+    # is trained in test_localizer_run.py).
     'python -m koajax.active.sweep --workdir=/tmp/koajax-semixup '
-    '--manifest=/data/hospital/manifest.csv':
+    '--manifest=/data/hospital/manifest.csv '
+    '--localizer=/tmp/koajax-localizer':
         ['koajax.active.sweep', '--workdir={tmp}/koajax-semixup',
          '--manifest={tmp}/raw/manifest.csv', '--samples=2',
          '--out={tmp}/sweep-manifest'],

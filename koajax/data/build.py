@@ -207,9 +207,15 @@ def _localise(task: _FileTask, localizer: str, image: np.ndarray,
     return {}
   from koajax import localize  # JAX: only in builds that localise
   sides = [task.knees[i].side for i in wanted]
-  results = localize.load(localizer).locate(
-      image, spacing, sides, bilateral=bilateral, background=background)
   suffix = '' if task.redacted else f' ({task.label})'
+  try:
+    results = localize.load(localizer).locate(
+        image, spacing, sides, bilateral=bilateral, background=background)
+  except Exception as e:  # pylint: disable=broad-except
+    # As for reading: one odd film costs its knees, not the build.
+    results = [localize.Refused(
+        f'unexpected error localising: {type(e).__name__}: {e}',
+        'unexpected')] * len(wanted)
   out: dict[int, np.ndarray | Skipped] = {}
   for i, result in zip(wanted, results):
     knee = task.knees[i]
