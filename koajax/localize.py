@@ -261,6 +261,8 @@ def _mirrored(points: np.ndarray) -> bool:
 @functools.cache
 def load(path: str) -> Localizer:
   """The localiser at `path`, loaded once per process (build workers)."""
-  # Orbax warns about every read-only checkpoint folder it opens.
+  # Orbax warns about every read-only checkpoint folder it opens, and JAX
+  # says which accelerators it did not find: noise in a build's log.
   logging.getLogger('absl').setLevel(logging.ERROR)
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   return Localizer.load(path)

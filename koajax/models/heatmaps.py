@@ -36,4 +36,3 @@ def soft_argmax(logits: jax.Array, *, stride: int) -> tuple[jax.Array,
   x = jnp.einsum('bhwk,w->bk', probs, cell_centres(w, stride))
   y = jnp.einsum('bhwk,h->bk', probs, cell_centres(h, stride))
   return jnp.stack([x, y], axis=-1), probs
-
