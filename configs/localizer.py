@@ -80,6 +80,10 @@ def get_config(arg=None):
   # The joint centre first: it places the knee's ROI for grading.
   config.selection = ('landmarks/centre_mm', 'landmarks/mean_mm')
   config.log_every_steps = 20
+  # How far the fine stage's two looks at a knee (10 mm apart) may disagree
+  # before the localiser says there is no knee (koajax/localize.py).
+  config.localize = config_lib.ml_collections.ConfigDict(
+      {'max_disagreement_mm': 2.5})
   # One CPU device per core, as for the other ResNets (koajax.runtime).
   config.cpu_devices = -1
   if preset.startswith('coarse'):
@@ -97,6 +101,9 @@ def get_config(arg=None):
     config.view_size = 64
     config.method_kwargs.max_translation = 4.0
     config.predict.shift = 4.0
+    # At 2.2 mm per view pixel its two looks at a knee disagree by 2-4 mm
+    # (a chest's by 8-12 mm at 0.15 mm spacing): 2.5 mm would refuse knees.
+    config.localize.max_disagreement_mm = 5.0
     _smoke(config)
   return config
 

@@ -158,6 +158,11 @@ def _check_training(config) -> None:
     if ensemble not in ('probs', 'logits'):
       raise cli.BadInput(f"config field predict.ensemble must be 'probs' or "
                          f"'logits'; got {ensemble!r}")
+  if _has(config, 'localize.max_disagreement_mm'):
+    value = config.localize.max_disagreement_mm
+    if not (_is_real(value) and value > 0):
+      raise cli.BadInput('config field localize.max_disagreement_mm must be '
+                         f'a distance > 0 mm; got {value!r}')
   if _has(config, 'selection') and not tuple(config.selection):
     raise cli.BadInput('config field selection names no metric; give at '
                        "least one, e.g. ('balanced_accuracy',)")

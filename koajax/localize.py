@@ -23,7 +23,8 @@ its two answers lie the probe apart. The landmarks are the mean of the two.
 
 A knee is refused, with a reason a user can act on, when
   - the two looks disagree by more than `max_disagreement_mm` (mean over the
-    landmarks): there is no knee there (a chest, a hand);
+    landmarks; the fine run's `localize.max_disagreement_mm`, 2.5 mm unless
+    its preset says otherwise): there is no knee there (a chest, a hand);
   - a coarse stage trained with mirrored knees (`method_kwargs.mirror`) puts
     the lateral points on the medial side: the image shows the other knee
     than the manifest says (or a film stored mirrored);
@@ -110,6 +111,9 @@ class Stage:
   # Views per call, padded to it: one compiled program (the coarse stage
   # sees the two knees of a film, the fine stage each twice).
   batch: int = 2
+  # The run's `localize` config: the Localizer's limits it sets (the fine
+  # stage's max_disagreement_mm, which its precision decides).
+  limits: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def load(cls, workdir: Path, want: str, batch: int) -> Stage:
@@ -133,7 +137,9 @@ class Stage:
                mirror=float(config.method_kwargs.get('mirror', 0.0)),
                fn=jax.jit(functools.partial(_forward,
                                             graphdef=member.graphdef)),
-               member=member, batch=batch)
+               member=member, batch=batch,
+               limits={k: float(v) for k, v in
+                       dict(config.get('localize', {})).items()})
 
   def __call__(self, rois: list[np.ndarray]) -> np.ndarray:
     """Points (n, K, 2) in the pixels of n <= `batch` ROIs (roi_px^2
@@ -168,8 +174,9 @@ class Localizer:
           f'--localizer={path}: expected the runs {root}/coarse and '
           f'{root}/fine (configs/localizer.py), {" and ".join(missing)} '
           'missing')
-    return cls(Stage.load(root / 'coarse', 'side', batch=2),
-               Stage.load(root / 'fine', 'knee', batch=4), **limits)
+    fine = Stage.load(root / 'fine', 'knee', batch=4)
+    return cls(Stage.load(root / 'coarse', 'side', batch=2), fine,
+               **{**fine.limits, **limits})
 
   def locate(self, image: np.ndarray, spacing: tuple[float, float],
              sides: list[str], *, bilateral: bool,

@@ -6,9 +6,6 @@ a localiser: a build without landmarks finds the synthetic knees and refuses
 real chest and extremity radiographs."""
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
+def data_root(smoke_root):
+  return smoke_root
 
 
 @pytest.fixture(scope='module')
-def localizer(data_root, tmp_path_factory):
-  """A localiser folder: the coarse and the fine stage's smoke runs."""
-  root = tmp_path_factory.mktemp('localizer')
-  for stage, preset in (('coarse', 'coarse_smoke'), ('fine', 'smoke')):
-    result = subprocess.run(
-        [sys.executable, '-m', 'koajax.main',
-         f'--config=configs/localizer.py:{preset}',
-         f'--workdir={root / stage}', f'--config.data.root={data_root}'],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'landmarks test: {"centre_mean_mm"' in result.stdout
-  return root
+def localizer(smoke_localizer):
+  return smoke_localizer
 
 
 @pytest.fixture(scope='module')
