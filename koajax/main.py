@@ -53,7 +53,9 @@ def main(argv):
                                      _PROCESS_ID.value)
     if config.job == 'train':
       from koajax import train
-      train.train_and_evaluate(config, _WORKDIR.value)
+      train.train_and_evaluate(
+          config, _WORKDIR.value,
+          source=flags.FLAGS['config'].config_filename)
     else:
       from koajax.active import loop
       loop.run(config, _WORKDIR.value)

@@ -34,3 +34,49 @@ from absl import flags  # noqa: E402
 
 # absl flags (and Grain's worker processes) need parsed flags under pytest.
 flags.FLAGS.mark_as_parsed()
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='session')
+def smoke_root(tmp_path_factory):
+  """A data root the smoke presets generate their synthetic set into (the
+  same 40 subjects, seed 0, for every config)."""
+  return str(tmp_path_factory.mktemp('smoke-data'))
+
+
+@pytest.fixture(scope='session')
+def smoke_localizer(smoke_root, tmp_path_factory):
+  """A localiser folder: the coarse and the fine stage's smoke runs
+  (configs/localizer.py), shared by the localiser's and prediction's tests."""
+  root = tmp_path_factory.mktemp('localizer')
+  for stage, preset in (('coarse', 'coarse_smoke'), ('fine', 'smoke')):
+    result = subprocess.run(
+        [sys.executable, '-m', 'koajax.main',
+         f'--config=configs/localizer.py:{preset}',
+         f'--workdir={root / stage}', f'--config.data.root={smoke_root}'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'landmarks test: {"centre_mean_mm"' in result.stdout
+  return root
+
+
+@pytest.fixture(scope='session')
+def smoke_grading_run(smoke_root, tmp_path_factory):
+  """configs/supervised.py:smoke on the shared smoke data (Semixup's network:
+  it has dropout), for prediction's tests."""
+  workdir = tmp_path_factory.mktemp('sl-smoke')
+  result = subprocess.run(
+      [sys.executable, '-m', 'koajax.main',
+       '--config=configs/supervised.py:smoke', f'--workdir={workdir}',
+       f'--config.data.root={smoke_root}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

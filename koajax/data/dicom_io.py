@@ -7,7 +7,9 @@
            always brighter than soft tissue
   spacing  (row, col) millimetres per pixel
 
-Only the image-pixel and spacing elements are ever parsed (`specific_tags`),
+`read_film` also gives the film's laterality (which knee a single-knee film
+shows). Only the image-pixel, spacing and laterality elements are ever
+parsed (`specific_tags`),
 so names, ids and dates in the header are never loaded, and no error message
 can quote them. Every failure raises `InputError` whose `reason` says what is
 wrong in words a user can act on, and whose `kind` is a short category for
@@ -58,6 +60,8 @@ _TAGS = (
     'RescaleIntercept', 'RescaleType', 'ModalityLUTSequence',
     'ImagerPixelSpacing', 'PixelSpacing', 'ExtendedOffsetTable',
     'ExtendedOffsetTableLengths', 'Modality', 'PixelData',
+    # Which knee a single-knee film shows (`read_film`); not identifying.
+    'ImageLaterality', 'Laterality',
 )
 # Projection radiography (DICOM CID 29, and DR as some vendors write it),
 # plus OT for digitised films; a file without Modality is read too.
@@ -97,14 +101,23 @@ class InputError(Exception):
 
 def read_radiograph(
     path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]]:
-  """Reads a monochrome radiograph.
+  """Reads a monochrome radiograph: `read_film` without the laterality."""
+  image, spacing, _ = read_film(path)
+  return image, spacing
+
+
+def read_film(path: str | os.PathLike
+              ) -> tuple[np.ndarray, tuple[float, float], str]:
+  """Reads a monochrome radiograph and the side it shows.
 
   Args:
     path: a DICOM file (Part 10, or a bare dataset without the preamble).
 
   Returns:
-    (image, spacing): float32 (rows, cols) image with bone bright, and the
-    (row, col) pixel spacing in millimetres.
+    (image, spacing, laterality): float32 (rows, cols) image with bone
+    bright, the (row, col) pixel spacing in millimetres, and the film's
+    ImageLaterality (else Laterality): 'R', 'L', 'B' (both) or '' (not
+    given, or 'U').
 
   Raises:
     InputError: the file is missing, not DICOM, truncated, has no or
@@ -120,7 +133,15 @@ def read_radiograph(
     _check_modality(ds, path)
     spacing = _spacing(ds, path)
     image = _pixels(ds, path)
-  return image, spacing
+  return image, spacing, _laterality(ds)
+
+
+def _laterality(ds: pydicom.Dataset) -> str:
+  for keyword in ('ImageLaterality', 'Laterality'):
+    value = str(ds.get(keyword) or '').strip().upper()
+    if value in ('R', 'L', 'B'):
+      return value
+  return ''
 
 
 @contextlib.contextmanager

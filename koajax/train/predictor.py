@@ -159,14 +159,17 @@ def knee_shifts(indices: np.ndarray, shift: float, seed: int = 0
       -shift, shift, 2) for i in indices]).astype(np.float32).reshape(-1, 2)
 
 
-def _member_outputs(params, extra, input_norm, images, keypoints, shifts, *,
-                    graphdef, crop: int, tta: str, tta_crop: int,
-                    ensemble: str) -> dict[str, jax.Array]:
+def _member_outputs(params, extra, input_norm, images, keypoints, shifts,
+                    dropout_key=None, *, graphdef, crop: int, tta: str,
+                    tta_crop: int, ensemble: str) -> dict[str, jax.Array]:
   """{head: mean probabilities (or logits) over the TTA views}, and
   'landmarks' where the model predicts them (no crop or TTA then:
   `check_settings`). `keypoints` (or None) reach the model when it takes
-  them."""
+  them. With `dropout_key` the model's dropout is on (MC dropout; norms
+  stay in inference mode)."""
   model = nnx.merge(graphdef, params, extra, copy=True)
+  sampled = {} if dropout_key is None else {
+      'dropout': True, 'rngs': nnx.Rngs(dropout=dropout_key)}
   if not takes_keypoints(model):
     keypoints = None
   if shifts is not None:
@@ -179,7 +182,8 @@ def _member_outputs(params, extra, input_norm, images, keypoints, shifts, *,
     views = _cropped_views(x, keypoints, crop, tta=False)
   if tta == 'five_crop':
     views = _cropped_views(*views[0], tta_crop, tta=True)
-  full = [model(v, train=False, **({} if k is None else {'keypoints': k}))
+  full = [model(v, train=False, **sampled,
+                **({} if k is None else {'keypoints': k}))
           for v, k in views]
   outs = [o['logits'] for o in full]
   combine = ((lambda z: z.astype(jnp.float32)) if ensemble == 'logits'
@@ -192,6 +196,27 @@ def _member_outputs(params, extra, input_norm, images, keypoints, shifts, *,
     result['landmarks'] = (points if shifts is None
                            else points - shifts[:, None, :])
   return result
+
+
+def _member_samples(params, extra, input_norm, images, keypoints, key, *,
+                    num_samples: int, **settings) -> dict[str, jax.Array]:
+  """{head: (T, B, classes)} probabilities of `num_samples` MC-dropout
+  passes, pass t with dropout key `split(key, T)[t]`. vmap shares what comes
+  before the first dropout among the passes (`koajax.active.mc_dropout`)."""
+  keys = jax.random.split(key, num_samples)
+  return jax.vmap(lambda k: _member_outputs(
+      params, extra, input_norm, images, keypoints, None, k,
+      **settings))(keys)
+
+
+def has_dropout(model: nnx.Module) -> bool:
+  """Whether MC dropout can sample `model`: it takes `dropout=` and holds
+  a dropout layer with a rate above 0."""
+  if 'dropout' not in inspect.signature(model.__call__).parameters:
+    return False
+  return any(float(getattr(node, 'rate', 0.0) or 0.0) > 0
+             for _, node in nnx.iter_graph(model)
+             if type(node).__name__ == 'Dropout')
 
 
 def check_settings(task: tasks_lib.Task, *, tta: str, tta_crop: int,
@@ -243,10 +268,12 @@ class Predictor:
     self._data = jax.NamedSharding(mesh, jax.P('data'))
     # Replicated output: every process can read all probabilities.
     replicated = jax.NamedSharding(mesh, jax.P())
+    self._settings = dict(crop=crop, tta=tta, tta_crop=tta_crop)
     self._fns = [jax.jit(functools.partial(
-        _member_outputs, graphdef=m.graphdef, crop=crop, tta=tta,
-        tta_crop=tta_crop, ensemble=ensemble), out_shardings=replicated)
+        _member_outputs, graphdef=m.graphdef, ensemble=ensemble,
+        **self._settings), out_shardings=replicated)
                  for m in self.members]
+    self._samplers = {}  # num_samples -> jitted `_member_samples`
 
   def with_weights(self, members: Sequence[Member]) -> Predictor:
     """This predictor with other weights of the same models: the compiled
@@ -294,27 +321,53 @@ class Predictor:
     """{head: (n, classes)} probabilities (and 'landmarks') of n <=
     batch_size view images (with their (n, K, 2) keypoints in the
     'keypoints' view, and (n, 2) (x, y) pixel shifts of the views)."""
-    n = len(images)
-
-    def shard(a):
-      a = np.concatenate([a, np.repeat(a[-1:], self._padded() - n, 0)])
-      # Every process holds all images; each device takes its rows.
-      return jax.make_array_from_callback(a.shape, self._data,
-                                          lambda rows: a[rows])
-
-    sharded = shard(images)
-    points = None if keypoints is None else shard(keypoints)
-    moved = None if shifts is None else shard(shifts)
-    outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded,
-                              points, moved))
-            for fn, m in zip(self._fns, self.members)]
-    mean = {name: np.mean([o[name] for o in outs], axis=0)[:n]
+    outs = self.member_outputs(images, keypoints, shifts)
+    mean = {name: np.mean([o[name] for o in outs], axis=0)
             for name in outs[0]}
     if self.ensemble == 'logits':
       return {name: (np.asarray(jax.nn.softmax(z))
                      if name in self.task.head_names else z)
               for name, z in mean.items()}
     return mean
+
+  def _shard(self, a: np.ndarray) -> jax.Array:
+    a = np.concatenate([a, np.repeat(a[-1:], self._padded() - len(a), 0)])
+    # Every process holds all images; each device takes its rows.
+    return jax.make_array_from_callback(a.shape, self._data,
+                                        lambda rows: a[rows])
+
+  def member_outputs(self, images: np.ndarray,
+                     keypoints: np.ndarray | None = None,
+                     shifts: np.ndarray | None = None
+                     ) -> list[dict[str, np.ndarray]]:
+    """`predict_images` of each member on its own: probabilities, or
+    logits with `ensemble='logits'`."""
+    n = len(images)
+    sharded = self._shard(images)
+    points = None if keypoints is None else self._shard(keypoints)
+    moved = None if shifts is None else self._shard(shifts)
+    outs = [jax.device_get(fn(m.params, m.extra, m.input_norm, sharded,
+                              points, moved))
+            for fn, m in zip(self._fns, self.members)]
+    return [{name: o[name][:n] for name in o} for o in outs]
+
+  def dropout_samples(self, images: np.ndarray,
+                      keypoints: np.ndarray | None, key: jax.Array, *,
+                      num_samples: int) -> dict[str, np.ndarray]:
+    """{head: (T, n, classes)} MC-dropout probabilities of the first
+    member (`has_dropout`) on n <= batch_size view images."""
+    if num_samples < 1:
+      raise ValueError(f'num_samples must be >= 1, got {num_samples}')
+    if num_samples not in self._samplers:
+      self._samplers[num_samples] = jax.jit(functools.partial(
+          _member_samples, graphdef=self.members[0].graphdef,
+          num_samples=num_samples, ensemble='probs', **self._settings),
+          out_shardings=jax.NamedSharding(self.mesh, jax.P()))
+    member, n = self.members[0], len(images)
+    out = jax.device_get(self._samplers[num_samples](
+        member.params, member.extra, member.input_norm, self._shard(images),
+        None if keypoints is None else self._shard(keypoints), key))
+    return {head: out[head][:, :n] for head in self.task.head_names}
 
   def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
     """{head: (len(indices), classes)} probabilities of cache rows, in

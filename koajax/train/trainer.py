@@ -149,11 +149,12 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path,
                *, splits: Splits | None = None, cache=None,
-               method: methods_lib.Method | None = None):
+               method: methods_lib.Method | None = None, source: str = ''):
     """`splits` (default: made from `config.split`) and `cache` (default:
     the one `config.data` names) let a caller choose the knees, as the
     loop over rounds of labeling does; `method` overrides the one
-    `config.method` names."""
+    `config.method` names; `source` (the `--config` file and preset) goes
+    into plan.json."""
     config_checks.check(config)
     self.workdir = Path(workdir)
     # Before anything is written: a workdir holds one run.
@@ -250,6 +251,8 @@ class Trainer:
         config, task=self.task.name, splits=self.splits, streams=streams,
         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
         mesh_size=self.mesh.size, cache_dir=self.cache.dir)
+    if source:
+      self.plan['config'] = source
     if jax.process_index() == 0:
       # What `koajax.evaluate` needs to rebuild this run, including knees
       # chosen by a caller rather than by config.split.
@@ -455,10 +458,11 @@ class Trainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | Path) -> dict[str, Any] | None:
+                       workdir: str | Path, *,
+                       source: str = '') -> dict[str, Any] | None:
   """Trains, then reports on the test split; returns metrics.json's content
-  (None on processes other than 0)."""
-  trainer = Trainer(config, workdir)
+  (None on processes other than 0). `source`: as for `Trainer`."""
+  trainer = Trainer(config, workdir, source=source)
   try:
     with jax.set_mesh(trainer.mesh):
       trainer.train()
