@@ -35,6 +35,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,8 @@ class Grader:
     else:
       self.uncertainty_kind = 'entropy'
     self.mc_samples = mc_samples
-    self._key = jax.random.key(seed)
+    # Raw uint32 keys: they are padded and sharded like the images.
+    self._key = jax.random.PRNGKey(seed)
     self.gradcam_head = self.task.heads[0]
 
   @classmethod
@@ -431,9 +433,13 @@ class Grader:
       spread = {h: uncertainty.scores(np.stack([m[h] for m in members])
                                       )['bald'] for h in heads}
     elif self.uncertainty_kind == 'mc_dropout_bald':
-      self._key, key = jax.random.split(self._key)
+      # A knee's dropout key comes from its view's pixels: the same knee
+      # gets the same samples in any batch, by command line or service.
+      keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+          self._key, np.array([zlib.crc32(m['image'].tobytes())
+                               for m in made], np.uint32)))
       samples = self.predictor.dropout_samples(
-          images, keypoints, key, num_samples=self.mc_samples)
+          images, keypoints, keys, num_samples=self.mc_samples)
       spread = {h: uncertainty.scores(samples[h])['bald'] for h in heads}
     else:
       spread = {h: uncertainty.scores(probs[h][None])['entropy']

@@ -289,6 +289,9 @@ def test_the_service_answers_as_the_command_line(service, localised, films):
     np.testing.assert_allclose(knee['heads']['kl']['probabilities'],
                                want['heads']['kl']['probabilities'],
                                atol=2e-5)
+    # MC-dropout samples are drawn per knee: the same in any batch.
+    assert knee['heads']['kl']['uncertainty'] == pytest.approx(
+        want['heads']['kl']['uncertainty'], abs=1e-5)
     assert knee['gradcam_png'].startswith('data:image/png;base64,')
   assert len(list(keep.iterdir())) == 1  # --keep keeps the upload
 

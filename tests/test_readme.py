@@ -174,6 +174,18 @@ SCENARIO = {
         ['koajax.active.sweep', '--workdir={tmp}/koajax-semixup',
          '--manifest={tmp}/raw/manifest.csv', '--samples=2',
          '--out={tmp}/sweep-manifest'],
+    # Grading new radiographs: the smoke SL run and localiser grade films
+    # without landmarks through koajax.predict in test_predict.py, and
+    # koajax.serve answers them, page and all, in test_web_page.py.
+    'python -m koajax.main --config=configs/supervised.py:quick '
+    '--workdir=/tmp/koajax-sl': 'help',
+    'python -m koajax.data.synthetic --out=/tmp/new-films --num_subjects=20 '
+    '--seed=7': 'help',
+    'python -m koajax.predict --runs=/tmp/koajax-sl '
+    '--localizer=/tmp/koajax-localizer --input=/tmp/new-films/images '
+    '--out=/tmp/new-grades': 'help',
+    'python -m koajax.serve --runs=/tmp/koajax-sl '
+    '--localizer=/tmp/koajax-localizer --port=8000': 'help',
 }
 
 

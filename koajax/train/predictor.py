@@ -198,15 +198,23 @@ def _member_outputs(params, extra, input_norm, images, keypoints, shifts,
   return result
 
 
-def _member_samples(params, extra, input_norm, images, keypoints, key, *,
+def _member_samples(params, extra, input_norm, images, keypoints, keys, *,
                     num_samples: int, **settings) -> dict[str, jax.Array]:
   """{head: (T, B, classes)} probabilities of `num_samples` MC-dropout
-  passes, pass t with dropout key `split(key, T)[t]`. vmap shares what comes
-  before the first dropout among the passes (`koajax.active.mc_dropout`)."""
-  keys = jax.random.split(key, num_samples)
-  return jax.vmap(lambda k: _member_outputs(
-      params, extra, input_norm, images, keypoints, None, k,
-      **settings))(keys)
+  passes; knee b's pass t has dropout key `split(keys[b], T)[t]`, so its
+  samples do not depend on the other knees of the batch. vmap shares what
+  comes before the first dropout among the passes
+  (`koajax.active.mc_dropout`)."""
+
+  def one_knee(image, points, key):
+    return jax.vmap(lambda k: _member_outputs(
+        params, extra, input_norm, image[None],
+        None if points is None else points[None], None, k,
+        **settings))(jax.random.split(key, num_samples))
+
+  out = jax.vmap(one_knee, in_axes=(0, None if keypoints is None else 0, 0))(
+      images, keypoints, keys)  # {head: (B, T, 1, classes)}
+  return {name: jnp.swapaxes(v[:, :, 0], 0, 1) for name, v in out.items()}
 
 
 def has_dropout(model: nnx.Module) -> bool:
@@ -352,10 +360,11 @@ class Predictor:
     return [{name: o[name][:n] for name in o} for o in outs]
 
   def dropout_samples(self, images: np.ndarray,
-                      keypoints: np.ndarray | None, key: jax.Array, *,
+                      keypoints: np.ndarray | None, keys: jax.Array, *,
                       num_samples: int) -> dict[str, np.ndarray]:
     """{head: (T, n, classes)} MC-dropout probabilities of the first
-    member (`has_dropout`) on n <= batch_size view images."""
+    member (`has_dropout`) on n <= batch_size view images, with one
+    dropout key per knee (`keys`, (n,))."""
     if num_samples < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}')
     if num_samples not in self._samplers:
@@ -366,7 +375,8 @@ class Predictor:
     member, n = self.members[0], len(images)
     out = jax.device_get(self._samplers[num_samples](
         member.params, member.extra, member.input_norm, self._shard(images),
-        None if keypoints is None else self._shard(keypoints), key))
+        None if keypoints is None else self._shard(keypoints),
+        self._shard(keys)))
     return {head: out[head][:, :n] for head in self.task.head_names}
 
   def predict(self, cache, indices: np.ndarray) -> dict[str, np.ndarray]:
