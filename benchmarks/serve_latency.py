@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,11 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from koajax import serve
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,15 +52,10 @@ def _free_port() -> int:
 
 
 def _post(url: str, path: Path) -> dict:
-  boundary = 'koajaxbenchmark'
-  body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-          f'filename="{path.name}"\r\nContent-Type: application/dicom\r\n\r\n'
-          ).encode() + path.read_bytes() + f'\r\n--{boundary}--\r\n'.encode()
-  request = urllib.request.Request(
-      f'{url}/predict', data=body, headers={
-          'Content-Type': f'multipart/form-data; boundary={boundary}'})
-  with urllib.request.urlopen(request, timeout=600) as r:
-    return json.load(r)
+  status, answer = serve.post(url, [path])
+  if status != 200:
+    raise SystemExit(f'{path}: HTTP {status}: {answer.get("detail")}')
+  return answer
 
 
 def _timed(fn, *args) -> tuple[float, object]:
@@ -112,15 +111,8 @@ def main() -> None:
   parser.add_argument('--screenshot', type=Path, default=None)
   args = parser.parse_args()
   films = sorted(args.films.rglob('*.dcm'))[:args.count]
-  result = {'cpu': platform.processor() or platform.machine(),
-            'cores': os.cpu_count(), 'films': len(films),
-            'date': time.strftime('%Y-%m-%d')}
-  try:
-    result['cpu'] = next(line.split(':', 1)[1].strip() for line in
-                         Path('/proc/cpuinfo').read_text().splitlines()
-                         if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  result = {'cpu': machine.cpu_name(), 'cores': os.cpu_count(),
+            'films': len(films), 'date': time.strftime('%Y-%m-%d')}
 
   one = _cli(args.runs, args.localizer, films[:1])
   many = _cli(args.runs, args.localizer, films)

@@ -1,7 +1,7 @@
 """Grading new radiographs with trained koajax runs: every head, per knee.
 
     grader = Grader.load(['RUN_A', 'RUN_B'], localizer='LOCALIZER')
-    sources, skipped = find_inputs(['films/', 'knee.png'])
+    sources, skipped = inputs.find_inputs(['films/', 'knee.png'])
     knees, more_skipped = grader.knees(sources[0])   # read, localise, cut
     results = grader.grade(knees)                    # list of KneeResult
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,14 +42,13 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from koajax import cli
 from koajax import config_lib
 from koajax import tasks as tasks_lib
 from koajax.active import uncertainty
 from koajax.data import dicom_io
-from koajax.data import manifest as manifest_lib
+from koajax.data import inputs as inputs_lib
 from koajax.data import png_folders
 from koajax.data import preprocess
 from koajax.data import schema
@@ -59,48 +57,12 @@ from koajax.evaluation import gradcam
 from koajax.train import checkpoints as checkpoints_lib
 from koajax.train import predictor as predictor_lib
 
-log = logging.getLogger(__name__)
-
-DICOM_SUFFIXES = ('.dcm', '.dicom', '')  # what a folder's files may end in
-PNG_SUFFIXES = ('.png',)
-MIN_PNG_PX = 64  # a knee ROI smaller than this holds no grade
 UNCERTAINTY_KINDS = {
     'ensemble_bald': 'mutual information between the ensemble members\' '
                      'predictions (BALD over the members)',
     'mc_dropout_bald': 'mutual information between MC-dropout passes (BALD)',
     'entropy': 'entropy of the prediction (one model without dropout)',
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-  """An input, or one knee of it, that was not graded, and why."""
-  input: str
-  reason: str
-  kind: str = 'unreadable'
-  knee: str = ''
-
-  def as_dict(self) -> dict[str, str]:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """One input file and what is known about it beforehand.
-
-  Attributes:
-    path: the file.
-    shown: how outputs name it (the path as given, or an upload's name).
-    kind: 'dicom' or 'png'.
-    knees: {side: knee id} from a manifest; empty to take the film's own
-      knees (both of a bilateral film, else its laterality's).
-    landmarks: {side: (16, 2) film pixels} from a landmarks file.
-  """
-  path: Path
-  shown: str
-  kind: str
-  knees: dict[str, str] = dataclasses.field(default_factory=dict)
-  landmarks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -125,82 +87,6 @@ class KneeResult:
   uncertainty: dict[str, float]  # {head: value}
   heatmap: np.ndarray  # (roi_px, roi_px) in [0, 1] over `knee.roi`
   gradcam_class: int
-
-
-def knee_name(shown: str, side: str) -> str:
-  """A knee's id from its file's name as shown: 'films/a.dcm' -> 'films/a_R'
-  (the suffix dropped, so the PNG of a knee keeps its DICOM's id)."""
-  path = Path(shown)
-  stem = path.name[:-len(path.suffix)] if path.suffix else path.name
-  return str(path.with_name(f'{stem}_{side}'))
-
-
-def find_inputs(paths: Sequence[str | Path], *, landmarks: str | None = None
-                ) -> tuple[list[Source], list[Skipped]]:
-  """The sources named by `paths` (files, folders, manifests) in order.
-
-  A folder gives its DICOM files (`DICOM_SUFFIXES`) and PNGs, searched
-  recursively in name order; a .csv file is a manifest (`koajax.data.
-  manifest`), its rows grouped by file. `landmarks` (a landmarks CSV, keyed
-  by subject, visit and side) gives the knees of manifest rows their
-  landmarks.
-  """
-  marks = (manifest_lib.read_landmarks(landmarks) if landmarks else {})
-  sources: list[Source] = []
-  skipped: list[Skipped] = []
-  for given in paths:
-    path = Path(given).expanduser()
-    if path.is_dir():
-      found = sorted(p for p in path.rglob('*') if p.is_file() and
-                     not p.name.startswith('.') and
-                     p.suffix.lower() in DICOM_SUFFIXES + PNG_SUFFIXES)
-      if not found:
-        skipped.append(Skipped(str(given), 'the folder holds no DICOM (.dcm, '
-                               'no suffix) or PNG files', 'empty_folder'))
-      sources += [_file_source(p, str(p)) for p in found]
-    elif path.suffix.lower() == '.csv':
-      more, bad = _manifest_sources(path, marks)
-      sources += more
-      skipped += bad
-    elif not path.exists():
-      skipped.append(Skipped(str(given), 'no such file or folder',
-                             'missing_file'))
-    else:
-      sources.append(_file_source(path, str(given)))
-  if landmarks and not any(s.landmarks for s in sources):
-    log.warning('--landmarks=%s gives no knee of the inputs its landmarks '
-                '(they are keyed by manifest subject, visit and side: give '
-                'the films as a manifest)', landmarks)
-  return sources, skipped
-
-
-def _file_source(path: Path, shown: str) -> Source:
-  kind = 'png' if path.suffix.lower() in PNG_SUFFIXES else 'dicom'
-  return Source(path=path, shown=shown, kind=kind)
-
-
-def _manifest_sources(path: Path, marks: dict
-                      ) -> tuple[list[Source], list[Skipped]]:
-  frame = manifest_lib.read_manifest(path)
-  sources, skipped = [], []
-  for file, rows in frame.groupby('path', sort=False):
-    knees, landmarks = {}, {}
-    for row in rows.itertuples():
-      where = f'{path} row {row.row}'
-      if row.problem:
-        skipped.append(Skipped(where, row.problem, 'bad_row'))
-        continue
-      knee = schema.knee_id(row.subject_id, row.visit, row.side)
-      knees[row.side] = knee
-      key = (row.subject_id, row.visit, row.side)
-      if key in marks:
-        landmarks[row.side] = marks[key]
-    if knees:
-      shown = rows['path_in_manifest'].iloc[0]
-      kind = ('png' if Path(file).suffix.lower() in PNG_SUFFIXES
-              else 'dicom')
-      sources.append(Source(Path(file), shown, kind, knees, landmarks))
-  return sources, skipped
 
 
 def _class_grades(head: tasks_lib.Head) -> list[int]:
@@ -321,7 +207,8 @@ class Grader:
     }
 
   # -- reading and cutting ---------------------------------------------------
-  def knees(self, source: Source) -> tuple[list[Knee], list[Skipped]]:
+  def knees(self, source: inputs_lib.Source
+            ) -> tuple[list[Knee], list[inputs_lib.Skipped]]:
     """The source's knees, cut, and the knees (or the file) that could not
     be."""
     if source.kind == 'png':
@@ -329,7 +216,7 @@ class Grader:
     try:
       image, spacing, laterality = dicom_io.read_film(source.path)
     except dicom_io.InputError as e:
-      return [], [Skipped(source.shown, e.reason, e.kind)]
+      return [], [inputs_lib.Skipped(source.shown, e.reason, e.kind)]
     sides = list(source.knees)
     bilateral = (len(sides) > 1 or laterality == 'B' or
                  preprocess.is_bilateral(image.shape, spacing))
@@ -339,11 +226,12 @@ class Grader:
       elif laterality in ('R', 'L'):
         sides = [laterality]
       else:
-        return [], [Skipped(
+        return [], [inputs_lib.Skipped(
             source.shown, 'a single-knee film whose header gives no '
             'laterality (ImageLaterality or Laterality): list it in a '
             'manifest with its side', 'no_laterality')]
-    names = {s: source.knees.get(s) or knee_name(source.shown, s)
+    names = {s: source.knees.get(s) or
+             inputs_lib.knee_name(source.shown, s)
              for s in sides}
     background = preprocess.background_level(image)
     found = self._landmarks(source, image, spacing, sides, bilateral,
@@ -352,7 +240,8 @@ class Grader:
     for side in sides:
       where = found[side]
       if isinstance(where, str):
-        skipped.append(Skipped(source.shown, where, 'not_found', names[side]))
+        skipped.append(inputs_lib.Skipped(source.shown, where, 'not_found',
+                                          names[side]))
         continue
       landmarks, origin, disagreement = where
       try:
@@ -360,15 +249,16 @@ class Grader:
             image, spacing, landmarks, side, roi_mm=self.roi_mm,
             roi_px=self.roi_px, background=background)
       except ValueError as e:
-        skipped.append(Skipped(source.shown, str(e), 'preprocessing',
+        skipped.append(inputs_lib.Skipped(source.shown, str(e),
+                                          'preprocessing',
                                names[side]))
         continue
       knees.append(Knee(source.shown, names[side], side, roi, keypoints,
                         origin, landmarks, spacing, disagreement))
     return knees, skipped
 
-  def _landmarks(self, source: Source, image, spacing, sides, bilateral,
-                 background) -> dict[str, tuple | str]:
+  def _landmarks(self, source: inputs_lib.Source, image, spacing, sides,
+                 bilateral, background) -> dict[str, tuple | str]:
     """{side: (landmarks, where from, disagreement mm) or why none}."""
     out: dict[str, tuple | str] = {
         s: (source.landmarks[s], 'file', None)
@@ -395,19 +285,22 @@ class Grader:
                   if isinstance(result, localize.Found) else result.reason)
     return out
 
-  def _png_knee(self, source: Source) -> tuple[list[Knee], list[Skipped]]:
+  def _png_knee(self, source: inputs_lib.Source
+                ) -> tuple[list[Knee], list[inputs_lib.Skipped]]:
     side = (next(iter(source.knees)) if source.knees
             else png_folders.parse_name(source.path.stem)[1])
-    name = source.knees.get(side) or knee_name(source.shown, side)
+    name = (source.knees.get(side) or
+            inputs_lib.knee_name(source.shown, side))
     if self.task.view in views.KEYPOINT_VIEWS:
-      return [], [Skipped(source.shown, f'the runs\' {self.task.view!r} '
-                          'view needs the knee\'s landmarks, which a PNG '
-                          'does not have: give the DICOM', 'needs_landmarks',
-                          name)]
+      return [], [inputs_lib.Skipped(
+          source.shown, f'the runs\' {self.task.view!r} view needs the '
+          'knee\'s landmarks, which a PNG does not have: give the DICOM',
+          'needs_landmarks', name)]
     try:
-      roi = read_knee_png(source.path, self.roi_px, flip=side == 'L')
+      roi = inputs_lib.read_knee_png(source.path, self.roi_px,
+                                     flip=side == 'L')
     except ValueError as e:
-      return [], [Skipped(source.shown, str(e), 'bad_png', name)]
+      return [], [inputs_lib.Skipped(source.shown, str(e), 'bad_png', name)]
     nan = np.full((schema.NUM_LANDMARKS, 2), np.nan, np.float32)
     return [Knee(source.shown, name, side, roi, nan, 'png')], []
 
@@ -520,53 +413,5 @@ class Grader:
     """(roi_px, roi_px, 3) uint8: the knee as acquired (left knees
     un-mirrored) under its heatmap."""
     side = result.knee.side
-    return overlay_rgb(gradcam.as_acquired(result.knee.roi, side),
+    return gradcam.overlay_rgb(gradcam.as_acquired(result.knee.roi, side),
                        gradcam.as_acquired(result.heatmap, side))
-
-
-def read_knee_png(path: str | Path, roi_px: int, *, flip: bool) -> np.ndarray:
-  """A knee ROI PNG as the cache holds it, or ValueError saying why not:
-  it must be square, at least MIN_PNG_PX px, and greyscale of 8 or 16 bits
-  (an RGB image whose three channels are equal counts as grey)."""
-  try:
-    with Image.open(path) as img:
-      img.load()
-      mode, size = img.mode, img.size
-      grey = None
-      if mode in ('RGB', 'RGBA'):
-        rgb = np.asarray(img.convert('RGB'))
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and
-                np.array_equal(rgb[..., 0], rgb[..., 2])):
-          raise ValueError('a colour PNG; give the greyscale knee ROI')
-        grey = rgb[..., 0]
-  except OSError as e:
-    raise ValueError(f'not a readable PNG ({type(e).__name__})') from None
-  if mode not in ('L', 'I', 'I;16', 'I;16B', 'I;16L', 'RGB', 'RGBA', 'LA'):
-    raise ValueError(f'a PNG of mode {mode} (1-bit, palette or float); give '
-                     'an 8- or 16-bit greyscale knee ROI')
-  width, height = size
-  if width != height:
-    raise ValueError(f'a {width}x{height} PNG; a knee ROI PNG is square '
-                     '(the knee centred, as koajax caches cut it)')
-  if width < MIN_PNG_PX:
-    raise ValueError(f'a {width}x{height} PNG is too small for a knee ROI '
-                     f'(at least {MIN_PNG_PX} px)')
-  if grey is not None:
-    roi = grey if width == roi_px else np.asarray(
-        Image.fromarray(grey).resize((roi_px, roi_px),
-                                     Image.Resampling.BICUBIC))
-    return roi[:, ::-1].copy() if flip else roi
-  return png_folders.load_png(path, roi_px, flip=flip)
-
-
-def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, *,
-                alpha: float = 0.45, cmap: str = 'jet') -> np.ndarray:
-  """(H, W, 3) uint8: the grey image with the heatmap blended in where it
-  is above 0 (`gradcam.overlay_png`'s look, without a figure)."""
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1)
-  grey = np.repeat(np.asarray(image, np.float32)[..., None] / 255.0, 3, -1)
-  colour = colormaps[cmap](heat)[..., :3]
-  weight = np.where(heat > 0, alpha, 0.0)[..., None]
-  return np.round((grey * (1 - weight) + colour * weight) * 255).astype(
-      np.uint8)

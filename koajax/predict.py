@@ -75,6 +75,7 @@ def predict(runs: Sequence[str], inputs: Sequence[str], out: str, *,
   content."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from koajax import grader as grader_lib  # pylint: disable=g-import-not-at-top
+  from koajax.data import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   out_dir = Path(out).expanduser()
   if out_dir.exists() and not out_dir.is_dir():
     raise cli.BadInput(f'--out={out} is a file; give a folder')
@@ -83,7 +84,7 @@ def predict(runs: Sequence[str], inputs: Sequence[str], out: str, *,
   grader = grader_lib.Grader.load(runs, checkpoint=checkpoint,
                                   localizer=localizer, batch_size=batch_size,
                                   mc_samples=mc_samples)
-  sources, skipped = grader_lib.find_inputs(inputs, landmarks=landmarks)
+  sources, skipped = inputs_lib.find_inputs(inputs, landmarks=landmarks)
   records = []
   pending: list = []
 

@@ -96,6 +96,31 @@ class Batcher:
         start += len(ks)
 
 
+def post(url: str, paths: Sequence[str | Path], timeout: float = 600.0
+         ) -> tuple[int, dict]:
+  """(HTTP status, JSON answer) of POST `url`/predict with the files at
+  `paths`: a client of the service with the standard library only."""
+  import json  # pylint: disable=g-import-not-at-top
+  import urllib.error  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  boundary = f'koajax{time.time_ns()}'
+  body = b''
+  for path in map(Path, paths):
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="files";'
+             f' filename="{path.name}"\r\nContent-Type: '
+             'application/octet-stream\r\n\r\n').encode()
+    body += path.read_bytes() + b'\r\n'
+  body += f'--{boundary}--\r\n'.encode()
+  request = urllib.request.Request(
+      f'{url}/predict', data=body, headers={
+          'Content-Type': f'multipart/form-data; boundary={boundary}'})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+      return answer.status, json.load(answer)
+  except urllib.error.HTTPError as e:  # 4xx: the reasons are in the body
+    return e.code, json.load(e)
+
+
 def png_data_url(rgb: np.ndarray) -> str:
   buffer = io.BytesIO()
   Image.fromarray(rgb).save(buffer, format='png')
@@ -115,7 +140,7 @@ def create_app(grader, *, max_upload_bytes: int = 64 << 20,
   from fastapi import FastAPI, File, UploadFile  # pylint: disable=g-import-not-at-top
   from fastapi.responses import FileResponse, JSONResponse  # pylint: disable=g-import-not-at-top
   from fastapi.staticfiles import StaticFiles  # pylint: disable=g-import-not-at-top
-  from koajax import grader as grader_lib  # pylint: disable=g-import-not-at-top
+  from koajax.data import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
 
   batcher = Batcher(grader, window_s)
   info = grader.info()
@@ -142,7 +167,7 @@ def create_app(grader, *, max_upload_bytes: int = 64 << 20,
       return JSONResponse({'detail': 'no file uploaded: send one or more '
                            'DICOMs or knee PNGs as multipart field "files"',
                            'knees': [], 'skipped': []}, status_code=400)
-    skipped: list[grader_lib.Skipped] = []
+    skipped: list[inputs_lib.Skipped] = []
     knees = []
     too_large = 0
     with tempfile.TemporaryDirectory(prefix='koajax-upload-') as tmp:
@@ -150,11 +175,11 @@ def create_app(grader, *, max_upload_bytes: int = 64 << 20,
         name = _safe_name(upload.filename, i)
         data = upload.file.read(max_upload_bytes + 1)
         if not data:
-          skipped.append(grader_lib.Skipped(name, 'empty upload', 'empty'))
+          skipped.append(inputs_lib.Skipped(name, 'empty upload', 'empty'))
           continue
         if len(data) > max_upload_bytes:
           too_large += 1
-          skipped.append(grader_lib.Skipped(
+          skipped.append(inputs_lib.Skipped(
               name, f'over the upload limit of {max_upload_bytes >> 20} MB',
               'too_large'))
           continue
@@ -164,7 +189,7 @@ def create_app(grader, *, max_upload_bytes: int = 64 << 20,
         if keep_dir is not None:
           keep_dir.mkdir(parents=True, exist_ok=True)
           shutil.copyfile(path, keep_dir / f'{time.time_ns()}-{name}')
-        source = grader_lib.Source(path, name, 'png' if is_png else 'dicom')
+        source = inputs_lib.Source(path, name, 'png' if is_png else 'dicom')
         more, bad = grader.knees(source)
         knees += more
         skipped += bad

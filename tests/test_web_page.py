@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from koajax import serve
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next(filter(None, map(shutil.which, (
     'chromium', 'chromium-browser', 'google-chrome'))), None)
@@ -66,21 +68,6 @@ def server(smoke_grading_run, smoke_localizer, tmp_path_factory):
   log.close()
 
 
-def _post(url: str, path: Path) -> dict:
-  boundary = 'koajaxboundary'
-  body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-          f'filename="{path.name}"\r\nContent-Type: application/dicom\r\n\r\n'
-          ).encode() + path.read_bytes() + f'\r\n--{boundary}--\r\n'.encode()
-  request = urllib.request.Request(
-      f'{url}/predict', data=body, headers={
-          'Content-Type': f'multipart/form-data; boundary={boundary}'})
-  try:
-    with urllib.request.urlopen(request, timeout=120) as r:
-      return json.load(r)
-  except urllib.error.HTTPError as e:  # 4xx: no knee found; its reasons
-    return json.load(e)
-
-
 def test_a_radiograph_dropped_on_the_page_shows_its_grades(server,
                                                            smoke_root):
   from selenium import webdriver
@@ -94,7 +81,7 @@ def test_a_radiograph_dropped_on_the_page_shows_its_grades(server,
   frame = pd.read_csv(raw / 'manifest.csv', dtype={'subject_id': str})
   for name in dict.fromkeys(frame.loc[frame['site'] == 'E', 'path']):
     film = raw / name
-    want = _post(server, film)
+    _, want = serve.post(server, [film])
     if want['knees']:
       break
   assert want['knees'], want

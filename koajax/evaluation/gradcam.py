@@ -413,6 +413,19 @@ def overlay_png(roi_image: np.ndarray, heatmap: np.ndarray, path: str | Path,
       path, lambda partial: fig.savefig(partial, format='png', dpi=dpi))
 
 
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, *,
+                alpha: float = 0.45, cmap: str = 'jet') -> np.ndarray:
+  """(H, W, 3) uint8: the grey image with the heatmap blended in where it
+  is above 0 (`gradcam.overlay_png`'s look, without a figure)."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1)
+  grey = np.repeat(np.asarray(image, np.float32)[..., None] / 255.0, 3, -1)
+  colour = colormaps[cmap](heat)[..., :3]
+  weight = np.where(heat > 0, alpha, 0.0)[..., None]
+  return np.round((grey * (1 - weight) + colour * weight) * 255).astype(
+      np.uint8)
+
+
 GRADCAM_DIR = 'gradcam'
 GRADCAM_CSV = 'gradcam.csv'
 
