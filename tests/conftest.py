@@ -1,4 +1,4 @@
-"""Test setup: 8 CPU devices in this process, 2 in the commands it starts.
+"""Test setup: 8 CPU devices in each test process, 2 in the commands it starts.
 
 In this process every run exercises sharding over 8 devices, whatever the
 machine. The commands tests start in child processes (trainings, scripts)
@@ -43,6 +43,44 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite runs in worker processes (pytest-xdist, pyproject.toml's addopts),
+# a test module's tests in one worker so that its module fixtures are made
+# once. The modules that share the session's trained smoke runs below keep
+# to one worker together, or each worker would train them again.
+SHARED_RUNS = ('test_localizer_run', 'test_predict', 'test_web_page')
+
+# The longest modules first (measured, 2 workers on 2 cores), so that no
+# long one starts last while the other worker waits.
+LONGEST = ('test_oarsi_run', 'test_readme', 'test_localizer_run',
+           'test_predict', 'test_web_page', 'test_reproduction',
+           'test_gpu_script', 'test_coherence_run', 'test_active_loop',
+           'test_confidence_run', 'test_train', 'test_reliability')
+
+
+def _module(nodeid: str) -> str:
+  return Path(nodeid.split('::')[0]).stem
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST)}
+  items.sort(key=lambda item: rank.get(_module(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Work units of whole modules (the shared-run modules as one), in the
+  order collected. (xdist's own `loadgroup` mode names its groups through a
+  node attribute that pytest 9.2 no longer reads.)"""
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ByModule(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = _module(nodeid)
+      return 'smoke-runs' if module in SHARED_RUNS else module
+
+  return ByModule(config, log)
 
 
 @pytest.fixture(scope='session')
