@@ -55,7 +55,10 @@ def data_config(*, num_subjects: int = 560, seed: int = 0,
       'source': 'synthetic',
       # Empty: $KOAJAX_DATA_DIR, else ~/.cache/koajax.
       'root': '',
-      'synthetic': {'num_subjects': num_subjects, 'seed': seed},
+      # variety > 1: films with more spread of pose, exposure and
+      # collimation (koajax.data.synthetic --variety).
+      'synthetic': {'num_subjects': num_subjects, 'seed': seed,
+                    'variety': 1.0},
       'manifest': '',
       'landmarks': '',
       'cache_dir': '',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,13 @@ import pydicom
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from koajax import cli
+from koajax import config_lib
 from koajax.data import anatomy
 from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
+from koajax.data import sources
 from koajax.data import synthetic
 
 # A small cohort: 4 subjects, 2 visits each, every site of interest.
@@ -291,3 +295,62 @@ def test_cohort_options_must_agree_in_length():
   with pytest.raises(ValueError, match='attendance has 4 entries but visits has 2'):
     grading.CohortConfig(visits=(0, 12))
   assert grading.CohortConfig(visits=(0, 12), attendance=(1.0, 0.8)).visits == (0, 12)
+
+
+def test_variety_widens_pose_exposure_and_collimation():
+  detector = anatomy.Detector(spacing=0.2, width_mm=305.0, height_mm=152.0)
+
+  def poses(variety):
+    rng = np.random.default_rng(11)
+    return [anatomy.sample_pose(rng, 'R', detector, variety)
+            for _ in range(3000)]
+
+  standard, wide = poses(1.0), poses(2.0)
+  for name, limit in (('angle', np.deg2rad(10)), ('y', 20.0),
+                      ('scale', 0.12)):
+    a = np.array([getattr(p, name) for p in standard])
+    b = np.array([getattr(p, name) for p in wide])
+    ratio = b.std() / a.std()
+    assert 1.8 < ratio < 2.2, (name, ratio)
+    centre = 1.0 if name == 'scale' else (76.0 if name == 'y' else 0.0)
+    assert np.abs(b - centre).max() <= limit + 1e-9, name
+
+  site = synthetic.SITES['B']  # a site whose films never show blades
+
+  def detectors(variety):
+    rng = np.random.default_rng(3)
+    return [synthetic._detector(site, rng, variety) for _ in range(600)]
+
+  assert not any(any(d.collimation) for d in detectors(1.0))
+  wide = detectors(3.0)
+  shown = np.mean([any(d.collimation) for d in wide])
+  assert 0.55 < shown < 0.78, shown  # 1 - 1/3 of films
+  assert max(max(d.collimation[:2]) for d in wide) > 9.0
+  for field in ('contrast', 'gamma', 'noise', 'signal_range', 'black'):
+    values = np.array([getattr(d, field) for d in wide])
+    assert (values > 0).all(), field
+
+
+def test_variety_changes_the_films_not_the_knees(tmp_path):
+  options = {k: v for k, v in SMALL.items() if k != 'num_subjects'}
+  knees, tasks = synthetic.plan(num_subjects=2, **options)
+  wide_knees, wide_tasks = synthetic.plan(num_subjects=2, variety=2.0,
+                                          **options)
+  pd.testing.assert_frame_equal(knees, wide_knees)
+  assert synthetic.render_task(tasks[0])[1].tolist() != (
+      synthetic.render_task(wide_tasks[0])[1].tolist())
+  synthetic.main([f'--out={tmp_path}', '--num_subjects=1', '--seed=3',
+                  '--workers=1', '--variety=2'])
+  settings = json.loads((tmp_path / synthetic.SETTINGS).read_text())
+  assert settings['variety'] == 2.0
+  with pytest.raises(cli.BadInput, match=r'^--variety=4.0: give a value '):
+    synthetic.main([f'--out={tmp_path / "new"}', '--num_subjects=1',
+                    '--variety=4'])
+  assert not (tmp_path / 'new').exists()
+
+
+def test_variety_has_its_own_dataset_folder():
+  config = config_lib.data_config()
+  assert sources.synthetic_dir(config).name == 'synthetic-n560-s0'
+  config.synthetic.variety = 2.0
+  assert sources.synthetic_dir(config).name == 'synthetic-n560-s0-v2'

@@ -34,7 +34,10 @@ def _workers(cfg: ml_collections.ConfigDict) -> int | None:
 
 def synthetic_dir(cfg: ml_collections.ConfigDict) -> Path:
   s = cfg.synthetic
-  return data_root(cfg) / f'synthetic-n{s.num_subjects}-s{s.seed}'
+  variety = float(s.get('variety', 1.0))
+  # The standard films keep the folder name they always had.
+  suffix = '' if variety == 1.0 else f'-v{variety:g}'
+  return data_root(cfg) / f'synthetic-n{s.num_subjects}-s{s.seed}{suffix}'
 
 
 def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
@@ -58,7 +61,8 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict) -> Path:
   log.info('Generating the synthetic dataset (%d subjects, seed %d) in %s',
            cfg.synthetic.num_subjects, cfg.synthetic.seed, raw)
   synthetic.generate(raw, num_subjects=cfg.synthetic.num_subjects,
-                     seed=cfg.synthetic.seed, workers=_workers(cfg))
+                     seed=cfg.synthetic.seed, workers=_workers(cfg),
+                     variety=float(cfg.synthetic.get('variety', 1.0)))
   return raw
 
 

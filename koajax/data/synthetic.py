@@ -137,6 +137,7 @@ class ImageTask:
   severity: tuple[float, float]  # R, L
   levels: tuple[tuple[float, ...], tuple[float, ...]]  # R, L
   identity: dict[str, str]  # DICOM patient and study fields
+  variety: float = 1.0  # `_detector` and `anatomy.sample_pose`
 
 
 def _seed_sequence(*key: int) -> np.random.SeedSequence:
@@ -157,22 +158,32 @@ def knee_shapes(seed: int, subject: int) -> dict[str, anatomy.KneeShape]:
   return shapes
 
 
-def _detector(site: Site, rng: np.random.Generator) -> anatomy.Detector:
-  """Per-image variation of exposure and processing around the site's."""
+def _detector(site: Site, rng: np.random.Generator,
+              variety: float = 1.0) -> anatomy.Detector:
+  """Per-image variation of exposure and processing around the site's.
+
+  `variety` (`generate`) widens every spread: more images show collimator
+  blades (a site that never does then sometimes does), blades reach further
+  into the film, exposure and processing vary more. At 1 the draws are
+  exactly the standard ones.
+  """
+  v = variety
   collimation = (0.0,) * 4
-  if rng.random() < site.collimation:
-    collimation = tuple(rng.uniform(2.0, 9.0, 2)) + tuple(
-        rng.uniform(0.0, 6.0, 2))
+  if rng.random() < 1 - (1 - site.collimation) / v:
+    collimation = tuple(rng.uniform(2.0, 2.0 + 7.0 * v, 2)) + tuple(
+        rng.uniform(0.0, 6.0 * v, 2))
 
   def jitter(sd: float) -> float:
-    return float(1 + np.clip(rng.normal(0, sd), -3 * sd, 3 * sd))
+    # A factor that stays positive however wide the spread.
+    sd *= v
+    return float(1 + np.clip(rng.normal(0, sd), max(-3 * sd, -0.8), 3 * sd))
 
   return anatomy.Detector(
       spacing=site.spacing, width_mm=site.fov[0], height_mm=site.fov[1],
       bits=site.bits, contrast=site.contrast * jitter(0.05),
       gamma=site.gamma * jitter(0.04), noise=site.noise * jitter(0.15),
       signal_range=3.6 * jitter(0.04), black=0.04 * jitter(0.3),
-      heel=float(rng.normal(0, 0.15)), texture=0.3 * jitter(0.1),
+      heel=float(rng.normal(0, 0.15 * v)), texture=0.3 * jitter(0.1),
       collimation=collimation)
 
 
@@ -180,14 +191,14 @@ def render_task(task: ImageTask) -> tuple[np.ndarray, np.ndarray, Site]:
   """Renders one image: (stored MONOCHROME2 pixels, landmarks (2, 16, 2))."""
   site = SITES[task.site]
   rng = np.random.default_rng(_seed_sequence(_IMAGE, task.seed, task.index))
-  detector = _detector(site, rng)
+  detector = _detector(site, rng, task.variety)
   shapes = knee_shapes(task.seed, task.subject)
   knees = []
   for i, side in enumerate(schema.SIDES):
     knees.append(anatomy.Knee(
         side=side, shape=shapes[side],
         disease=anatomy.Disease(task.severity[i], task.levels[i]),
-        pose=anatomy.sample_pose(rng, side, detector)))
+        pose=anatomy.sample_pose(rng, side, detector, task.variety)))
   pixels, points = radiograph.render(knees, detector, rng)
   return pixels, points, site
 
@@ -339,13 +350,14 @@ def reader_grades(severity: np.ndarray, graded: np.ndarray, seed: int,
   return out
 
 
-def plan(num_subjects: int, seed: int = 0,
+def plan(num_subjects: int, seed: int = 0, variety: float = 1.0,
          **options: Any) -> tuple[pd.DataFrame, list[ImageTask]]:
   """Samples the cohort: the knee table and one task per image.
 
   Args:
     num_subjects: number of subjects.
     seed: the dataset's seed.
+    variety: spread of pose, exposure and collimation (`generate`).
     **options: fields of `grading.CohortConfig`.
 
   Returns:
@@ -392,7 +404,8 @@ def plan(num_subjects: int, seed: int = 0,
         levels=(tuple(map(float, cohort['levels'][r])),
                 tuple(map(float, cohort['levels'][l]))),
         identity=_visit_identity(people[int(row.subject)], int(row.visit),
-                                 rng)))
+                                 rng),
+        variety=float(variety)))
   shapes = {}
   jsw = []
   for s, side, lv in zip(cohort['subject'], cohort['side'], cohort['levels']):
@@ -446,8 +459,15 @@ def check_output_dir(out_dir: str | os.PathLike) -> str:
   return 'dataset'
 
 
+# The widest `variety`: beyond it knees leave their half of the film.
+MAX_VARIETY = 3.0
+
+
 def _check_arguments(num_subjects: int, seed: int, workers: int | None,
-                     options: dict[str, Any]) -> None:
+                     options: dict[str, Any], variety: float = 1.0) -> None:
+  if not 1.0 <= variety <= MAX_VARIETY:
+    raise cli.BadInput(f'--variety={variety}: give a value from 1 (the '
+                       f'standard films) to {MAX_VARIETY:g}')
   if num_subjects < 1:
     raise cli.BadInput(f'--num_subjects={num_subjects}: give 1 or more')
   if seed < 0:
@@ -469,7 +489,8 @@ def _check_arguments(num_subjects: int, seed: int, workers: int | None,
 
 def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
              seed: int = 0, workers: int | None = None,
-             show_progress: bool = True, **options: Any) -> dict[str, Any]:
+             show_progress: bool = True, variety: float = 1.0,
+             **options: Any) -> dict[str, Any]:
   """Generates the synthetic dataset in `out_dir`.
 
   Args:
@@ -479,6 +500,12 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
     seed: the seed; equal seeds give byte-identical files.
     workers: worker processes (default: all CPUs); results do not depend on it.
     show_progress: show a progress bar on stderr.
+    variety: how much films differ beyond the sites' own spread, for
+      training models that must meet hospital films (a localiser): 1 is the
+      standard set; 2 doubles the spread of knee placement (up to 20 mm off
+      centre, 10 degrees, 12 % magnification), of exposure and processing,
+      and makes collimator blades commoner and up to twice as deep; at most
+      3. Knees, grades and readers are the same for any value.
     **options: fields of `grading.CohortConfig`, e.g. reader_noise=0.4,
       ungraded_fraction=0.5, visits=(0, 12) with attendance=(1.0, 0.8),
       readers=() for no further readers.
@@ -492,11 +519,11 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
   """
   start = time.perf_counter()
   out_dir = Path(out_dir)
-  _check_arguments(num_subjects, seed, workers, options)
+  _check_arguments(num_subjects, seed, workers, options, variety)
   target = atomic.real_target(out_dir)
   atomic.clean_stale(target)
   check_output_dir(out_dir)
-  knees, tasks = plan(num_subjects, seed, **options)
+  knees, tasks = plan(num_subjects, seed, variety, **options)
   if workers is None:
     workers = os.cpu_count() or 1
   work = None
@@ -504,7 +531,8 @@ def generate(out_dir: str | os.PathLike[str], *, num_subjects: int,
     work = atomic.new_partial(target)
     size = _write(work, knees, tasks, workers, show_progress)
     settings = {'generator': PROGRAM, 'num_subjects': num_subjects,
-                'seed': seed, 'options': options, 'knees': len(knees),
+                'seed': seed, 'variety': variety, 'options': options,
+                'knees': len(knees),
                 'images': len(tasks)}
     (work / SETTINGS).write_text(
         json.dumps(settings, indent=2, sort_keys=True, default=str) + '\n',
@@ -562,12 +590,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--readers', type=_scales, default=None,
                       help='error scales of the further readers r1, r2, ..., '
                       "comma-separated; '' for none (default: 0.3,0.4,0.5)")
+  parser.add_argument('--variety', type=float, default=1.0,
+                      help='spread of knee pose, exposure and collimation, '
+                      f'1 (standard) to {MAX_VARIETY:g}')
   args = parser.parse_args(argv)
   options = {k: getattr(args, k)
              for k in ('reader_noise', 'ungraded_fraction', 'readers')
              if getattr(args, k) is not None}
   summary = generate(args.out, num_subjects=args.num_subjects, seed=args.seed,
-                     workers=args.workers, **options)
+                     workers=args.workers, variety=args.variety,
+                     **options)
   print(json.dumps(summary))
   return summary
 
