@@ -185,15 +185,11 @@ class Localizer:
     if background is None:
       background = preprocess.background_level(image)
     mm = np.array([spacing[1], spacing[0]])  # (x, y) per film pixel
-    side_views, geometries = [], []
-    for side in sides:
-      view, geometry = preprocess.extract_side(
-          image, spacing, side, bilateral=bilateral,
-          view_mm=self.coarse.roi_mm, view_px=self.coarse.roi_px,
-          background=background)
-      side_views.append(view)
-      geometries.append(geometry)
-    coarse = self.coarse(side_views)
+    side_views, geometries = zip(*preprocess.extract_sides(
+        image, spacing, sides, bilateral=bilateral,
+        view_mm=self.coarse.roi_mm, view_px=self.coarse.roi_px,
+        background=background))
+    coarse = self.coarse(list(side_views))
     results: list[Found | Refused | None] = [None] * len(sides)
     rois, looks = [], []
     for i, side in enumerate(sides):
@@ -205,10 +201,10 @@ class Localizer:
         # The second look: the ROI moved by the probe along the plateau.
         probe = geometry.matrix @ [self.probe_mm * self.fine.roi_px /
                                    self.fine.roi_mm, 0.0]
-        for moved in (points, points + probe):
-          rois.append(preprocess.extract_roi(
-              image, spacing, moved, side, roi_mm=self.fine.roi_mm,
-              roi_px=self.fine.roi_px, background=background)[0])
+        rois += [roi for roi, _ in preprocess.extract_rois(
+            image, spacing, [points, points + probe], side,
+            roi_mm=self.fine.roi_mm, roi_px=self.fine.roi_px,
+            background=background)]
       except ValueError as e:
         results[i] = Refused(f'the localiser finds no knee: {e}')
         continue

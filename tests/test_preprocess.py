@@ -397,3 +397,49 @@ def test_bad_landmarks_raise():
     preprocess.extract_roi(image, (1, 1), np.full((16, 2), 50.0), 'R')
   with pytest.raises(ValueError, match='contrast'):
     preprocess.extract_roi(image, (1, 1), good, 'R', roi_mm=40, roi_px=40)
+
+
+def _by_hand(image, geometry, background):
+  """A patch sampled from the whole film filtered at once (SciPy), the way
+  the module's docstring describes, to 8 bits as `to_uint8` does."""
+  step = np.linalg.norm(geometry.matrix, axis=1)[::-1]  # (row, col)
+  filtered = ndimage.gaussian_filter(image, np.maximum(0, (step - 1) / 2),
+                                     mode='nearest')
+  n = geometry.roi_px
+  patch = ndimage.affine_transform(
+      filtered, geometry.matrix[::-1, ::-1], geometry.offset[::-1],
+      output_shape=(n, n), order=1, mode='constant', cval=np.nan)
+  valid = ~np.isnan(patch)
+  low, high = np.percentile(patch[valid], preprocess.CLIP_PERCENTILES)
+  patch = np.where(valid, patch, background)
+  return np.round((np.clip(patch, low, high) - low) * 255 / (high - low))
+
+
+def test_looks_and_sides_taken_together_are_each_as_alone():
+  # A localiser's two looks at a knee (10 mm apart, one over the film's top
+  # edge) and both sides of a film: filtered once for all, each patch is
+  # the one it would be alone and the one the whole filtered film gives.
+  spacing = (0.2, 0.2)
+  film, landmarks = render_film(
+      (760, 1500), spacing, [((80, 60), 6.0, 'R'), ((220, 80), -4.0, 'L')])
+  image = film.astype(np.float32)
+  background = preprocess.background_level(image)
+  looks = [landmarks['R'], landmarks['R'] + [50.0, -8.0]]
+  together = preprocess.extract_rois(image, spacing, looks, 'R', roi_mm=140,
+                                     roi_px=192)
+  for points, (roi, keypoints) in zip(looks, together):
+    alone, alone_keypoints = preprocess.extract_roi(
+        image, spacing, points, 'R', roi_mm=140, roi_px=192)
+    np.testing.assert_array_equal(roi, alone)
+    np.testing.assert_array_equal(keypoints, alone_keypoints)
+    geometry = preprocess.roi_geometry(points, spacing, 'R', roi_mm=140,
+                                       roi_px=192)
+    hand = _by_hand(image, geometry, background)
+    assert np.abs(roi - hand).max() <= 1 and np.mean(roi != hand) < 1e-3
+  sides = preprocess.extract_sides(image, spacing, ['R', 'L'],
+                                   bilateral=True, view_mm=256, view_px=128)
+  for side, (view, geometry) in zip('RL', sides):
+    alone, alone_geometry = preprocess.extract_side(
+        image, spacing, side, bilateral=True, view_mm=256, view_px=128)
+    np.testing.assert_array_equal(view, alone)
+    np.testing.assert_array_equal(geometry.offset, alone_geometry.offset)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -160,20 +161,40 @@ def extract_side(
   Returns:
     (view, geometry): (view_px, view_px) uint8 and its map to the film.
   """
+  return extract_sides(image, spacing, [side], bilateral=bilateral,
+                       view_mm=view_mm, view_px=view_px,
+                       background=background)[0]
+
+
+def extract_sides(
+    image: np.ndarray,
+    spacing: tuple[float, float],
+    sides: Sequence[str],
+    *,
+    bilateral: bool,
+    view_mm: float = 256.0,
+    view_px: int = 256,
+    background: float | None = None,
+) -> list[tuple[np.ndarray, RoiGeometry]]:
+  """`extract_side` of each of `sides`, the film filtered once for all."""
   if image.ndim != 2:
     raise ValueError(f'image has shape {image.shape}, expected 2-D')
-  geometry = side_geometry(image.shape, spacing, side, bilateral=bilateral,
-                           view_mm=view_mm, view_px=view_px)
+  geometries = [side_geometry(image.shape, spacing, side,
+                              bilateral=bilateral, view_mm=view_mm,
+                              view_px=view_px) for side in sides]
   if background is None:
     background = background_level(image)
-  view = _sample(image, geometry)
-  if bilateral:
-    # Columns of the view whose film x lies in the other half.
-    x = geometry.matrix[0, 0] * np.arange(view_px) + geometry.offset[0]
-    middle = image.shape[1] / 2 - 0.5
-    other = x > middle if side == 'R' else x < middle
-    view[:, other] = np.nan
-  return to_uint8(view, fill=background), geometry
+  out = []
+  for side, geometry, view in zip(sides, geometries,
+                                  _sample_all(image, geometries)):
+    if bilateral:
+      # Columns of the view whose film x lies in the other half.
+      x = geometry.matrix[0, 0] * np.arange(view_px) + geometry.offset[0]
+      middle = image.shape[1] / 2 - 0.5
+      other = x > middle if side == 'R' else x < middle
+      view[:, other] = np.nan
+    out.append((to_uint8(view, fill=background), geometry))
+  return out
 
 
 def background_level(image: np.ndarray) -> float:
@@ -198,30 +219,53 @@ def _antialias_sigma(geometry: RoiGeometry) -> np.ndarray:
   return np.maximum(0.0, (step_xy[::-1] - 1.0) / 2.0)
 
 
-def _sample(image: np.ndarray, geometry: RoiGeometry) -> np.ndarray:
-  """Bilinear samples of the (prefiltered) image on the patch grid; NaN
-  where the patch leaves the image."""
-  n = geometry.roi_px
-  sigma = _antialias_sigma(geometry)
-  # Work on the image crop under the patch only (one knee of a bilateral
-  # film), with room for the filter's support.
-  corners = geometry.to_image(
-      np.array([[0, 0], [n - 1, 0], [0, n - 1], [n - 1, n - 1]], np.float64))
+def _sample_all(image: np.ndarray,
+                geometries: Sequence[RoiGeometry]) -> list[np.ndarray]:
+  """Bilinear samples of the (prefiltered) image on each patch grid; NaN
+  where a patch leaves the image. The image is filtered once under all.
+
+  Patches of one resolution share the prefilter, so the crop under their
+  union is filtered once (a localiser's two looks at a knee overlap almost
+  wholly; the two sides of a film together cover it). The crop reaches the
+  filter's support beyond every sampled pixel, so each patch's pixels are
+  those it would get alone.
+  """
+  sigma = _antialias_sigma(geometries[0])
+  if any(not np.allclose(_antialias_sigma(g), sigma) for g in geometries):
+    raise ValueError('patches sampled together need one resolution')
   margin = np.ceil(4 * sigma[::-1]) + 2  # (x, y)
-  low = np.floor(corners.min(axis=0) - margin).astype(int)
-  high = np.ceil(corners.max(axis=0) + margin).astype(int) + 1
-  x0, y0 = np.maximum(low, 0)
-  x1, y1 = np.minimum(high, [image.shape[1], image.shape[0]])
-  if x1 <= x0 or y1 <= y0:
-    raise ValueError('the ROI lies entirely outside the image')
+  bounds = []
+  for geometry in geometries:
+    n = geometry.roi_px
+    corners = geometry.to_image(np.array(
+        [[0, 0], [n - 1, 0], [0, n - 1], [n - 1, n - 1]], np.float64))
+    low = np.floor(corners.min(axis=0) - margin).astype(int)
+    high = np.ceil(corners.max(axis=0) + margin).astype(int) + 1
+    x0, y0 = np.maximum(low, 0)
+    x1, y1 = np.minimum(high, [image.shape[1], image.shape[0]])
+    if x1 <= x0 or y1 <= y0:
+      raise ValueError('the ROI lies entirely outside the image')
+    bounds.append((x0, y0, x1, y1))
+  # Work on the image crop under the patches only (one knee of a bilateral
+  # film), with room for the filter's support.
+  x0, y0 = (min(b[0] for b in bounds), min(b[1] for b in bounds))
+  x1, y1 = (max(b[2] for b in bounds), max(b[3] for b in bounds))
   crop = np.asarray(image[y0:y1, x0:x1], np.float32)
   if sigma.any():
     crop = ndimage.gaussian_filter(crop, sigma, mode='nearest')
-  # scipy indexes (row, col): swap both sides of the (x, y) map.
-  matrix = geometry.matrix[::-1, ::-1]
-  offset = (geometry.offset - [x0, y0])[::-1]
-  return ndimage.affine_transform(crop, matrix, offset, output_shape=(n, n),
-                                  order=1, mode='constant', cval=np.nan)
+  out = []
+  for geometry, (gx0, gy0, gx1, gy1) in zip(geometries, bounds):
+    # Each patch samples its own part of the crop, as it would alone
+    # (beyond it: NaN, not the neighbours' pixels).
+    own = crop[gy0 - y0:gy1 - y0, gx0 - x0:gx1 - x0]
+    # scipy indexes (row, col): swap both sides of the (x, y) map.
+    matrix = geometry.matrix[::-1, ::-1]
+    offset = (geometry.offset - [gx0, gy0])[::-1]
+    n = geometry.roi_px
+    out.append(ndimage.affine_transform(own, matrix, offset,
+                                        output_shape=(n, n), order=1,
+                                        mode='constant', cval=np.nan))
+  return out
 
 
 def to_uint8(roi: np.ndarray, fill: float) -> np.ndarray:
@@ -267,18 +311,38 @@ def extract_roi(
     ValueError: the landmarks are unusable (wrong shape, not finite,
       degenerate plateau) or the patch has no image content.
   """
-  landmarks = np.asarray(landmarks, np.float64)
-  if landmarks.shape != (schema.NUM_LANDMARKS, 2):
-    raise ValueError(f'landmarks have shape {landmarks.shape}, expected '
-                     f'({schema.NUM_LANDMARKS}, 2)')
-  if not np.isfinite(landmarks).all():
-    raise ValueError('landmarks contain empty or non-numeric values')
+  return extract_rois(image, spacing, [landmarks], side, roi_mm=roi_mm,
+                      roi_px=roi_px, background=background)[0]
+
+
+def extract_rois(
+    image: np.ndarray,
+    spacing: tuple[float, float],
+    landmark_sets: Sequence[np.ndarray],
+    side: str,
+    *,
+    roi_mm: float = 140.0,
+    roi_px: int = 400,
+    background: float | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`extract_roi` of one knee's side at each of `landmark_sets` (a
+  localiser's looks at it), the film filtered once for all."""
+  geometries = []
+  for landmarks in landmark_sets:
+    landmarks = np.asarray(landmarks, np.float64)
+    if landmarks.shape != (schema.NUM_LANDMARKS, 2):
+      raise ValueError(f'landmarks have shape {landmarks.shape}, expected '
+                       f'({schema.NUM_LANDMARKS}, 2)')
+    if not np.isfinite(landmarks).all():
+      raise ValueError('landmarks contain empty or non-numeric values')
+    geometries.append(roi_geometry(landmarks, spacing, side, roi_mm=roi_mm,
+                                   roi_px=roi_px))
   if image.ndim != 2:
     raise ValueError(f'image has shape {image.shape}, expected 2-D')
-  geometry = roi_geometry(landmarks, spacing, side, roi_mm=roi_mm,
-                          roi_px=roi_px)
   if background is None:
     background = background_level(image)
-  roi = to_uint8(_sample(image, geometry), fill=background)
-  keypoints = geometry.to_roi(landmarks).astype(np.float32)
-  return roi, keypoints
+  return [(to_uint8(patch, fill=background),
+           geometry.to_roi(np.asarray(landmarks, np.float64)).astype(
+               np.float32))
+          for landmarks, geometry, patch in zip(
+              landmark_sets, geometries, _sample_all(image, geometries))]
