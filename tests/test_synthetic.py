@@ -18,6 +18,7 @@ from koajax.data import anatomy
 from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
+from koajax.data import sites
 from koajax.data import sources
 from koajax.data import synthetic
 
@@ -70,7 +71,7 @@ def test_dicoms_are_valid_radiographs(dataset):
   photometric = set()
   for path, rows in manifest.groupby('path'):
     ds = pydicom.dcmread(dataset / path)
-    site = synthetic.SITES[rows.site.iloc[0]]
+    site = sites.SITES[rows.site.iloc[0]]
     pixels = ds.pixel_array
     assert pixels.dtype == np.uint16
     assert pixels.shape == (ds.Rows, ds.Columns)
@@ -315,11 +316,11 @@ def test_variety_widens_pose_exposure_and_collimation():
     centre = 1.0 if name == 'scale' else (76.0 if name == 'y' else 0.0)
     assert np.abs(b - centre).max() <= limit + 1e-9, name
 
-  site = synthetic.SITES['B']  # a site whose films never show blades
+  site = sites.SITES['B']  # a site whose films never show blades
 
   def detectors(variety):
     rng = np.random.default_rng(3)
-    return [synthetic._detector(site, rng, variety) for _ in range(600)]
+    return [sites.detector(site, rng, variety) for _ in range(600)]
 
   assert not any(any(d.collimation) for d in detectors(1.0))
   wide = detectors(3.0)

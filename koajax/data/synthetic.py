@@ -63,6 +63,7 @@ from koajax.data import atomic
 from koajax.data import grading
 from koajax.data import radiograph
 from koajax.data import schema
+from koajax.data import sites
 
 
 PROGRAM = 'koajax.data.synthetic'
@@ -81,41 +82,6 @@ _COHORT, _SUBJECT, _IMAGE, _READERS = 101, 202, 303, 404
 # Decimals of the severity in truth.csv, which the further readers read.
 _SEVERITY_DECIMALS = 4
 
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-  """An acquisition site: detector, DICOM conventions and image quality."""
-  modality: str  # 'CR' or 'DX'
-  photometric: str  # MONOCHROME1 stores bone dark
-  bits: int
-  spacing: float  # mm per pixel
-  spacing_tags: tuple[str, ...]  # ImagerPixelSpacing and/or PixelSpacing
-  rescale: tuple[float, float]  # slope, intercept
-  fov: tuple[float, float]  # width, height in mm
-  contrast: float
-  gamma: float
-  noise: float
-  collimation: float  # probability that collimator blades show
-  manufacturer: str
-
-
-SITES = {
-    'A': Site('CR', 'MONOCHROME1', 12, 0.20, ('ImagerPixelSpacing',),
-              (1.0, 0.0), (305.0, 152.0), 1.0, 1.0, 0.014, 0.3,
-              'Synthetic Phosphor Co'),
-    'B': Site('DX', 'MONOCHROME2', 14, 0.175,
-              ('ImagerPixelSpacing', 'PixelSpacing'), (1.0, 0.0),
-              (300.0, 150.0), 1.1, 0.85, 0.010, 0.0, 'Synthetic Flat Panel'),
-    'C': Site('CR', 'MONOCHROME2', 12, 0.19, ('PixelSpacing',),
-              (2.0, -1000.0), (305.0, 152.0), 0.9, 1.2, 0.018, 0.5,
-              'Synthetic Phosphor Co'),
-    'D': Site('DX', 'MONOCHROME1', 16, 0.16, ('ImagerPixelSpacing',),
-              (0.5, 512.0), (300.0, 150.0), 1.05, 0.95, 0.009, 0.1,
-              'Synthetic Digital Radiography'),
-    'E': Site('CR', 'MONOCHROME2', 12, 0.17,
-              ('ImagerPixelSpacing', 'PixelSpacing'), (1.0, 0.0),
-              (305.0, 153.0), 0.95, 1.1, 0.015, 0.2, 'Synthetic Imaging'),
-}
 
 # Distinctive fake names: a pipeline that leaks them is easy to catch.
 _NAME_WORDS = (
@@ -137,7 +103,7 @@ class ImageTask:
   severity: tuple[float, float]  # R, L
   levels: tuple[tuple[float, ...], tuple[float, ...]]  # R, L
   identity: dict[str, str]  # DICOM patient and study fields
-  variety: float = 1.0  # `_detector` and `anatomy.sample_pose`
+  variety: float = 1.0  # `sites.detector` and `anatomy.sample_pose`
 
 
 def _seed_sequence(*key: int) -> np.random.SeedSequence:
@@ -158,40 +124,12 @@ def knee_shapes(seed: int, subject: int) -> dict[str, anatomy.KneeShape]:
   return shapes
 
 
-def _detector(site: Site, rng: np.random.Generator,
-              variety: float = 1.0) -> anatomy.Detector:
-  """Per-image variation of exposure and processing around the site's.
-
-  `variety` (`generate`) widens every spread: more images show collimator
-  blades (a site that never does then sometimes does), blades reach further
-  into the film, exposure and processing vary more. At 1 the draws are
-  exactly the standard ones.
-  """
-  v = variety
-  collimation = (0.0,) * 4
-  if rng.random() < 1 - (1 - site.collimation) / v:
-    collimation = tuple(rng.uniform(2.0, 2.0 + 7.0 * v, 2)) + tuple(
-        rng.uniform(0.0, 6.0 * v, 2))
-
-  def jitter(sd: float) -> float:
-    # A factor that stays positive however wide the spread.
-    sd *= v
-    return float(1 + np.clip(rng.normal(0, sd), max(-3 * sd, -0.8), 3 * sd))
-
-  return anatomy.Detector(
-      spacing=site.spacing, width_mm=site.fov[0], height_mm=site.fov[1],
-      bits=site.bits, contrast=site.contrast * jitter(0.05),
-      gamma=site.gamma * jitter(0.04), noise=site.noise * jitter(0.15),
-      signal_range=3.6 * jitter(0.04), black=0.04 * jitter(0.3),
-      heel=float(rng.normal(0, 0.15 * v)), texture=0.3 * jitter(0.1),
-      collimation=collimation)
-
-
-def render_task(task: ImageTask) -> tuple[np.ndarray, np.ndarray, Site]:
+def render_task(task: ImageTask
+                ) -> tuple[np.ndarray, np.ndarray, sites.Site]:
   """Renders one image: (stored MONOCHROME2 pixels, landmarks (2, 16, 2))."""
-  site = SITES[task.site]
+  site = sites.SITES[task.site]
   rng = np.random.default_rng(_seed_sequence(_IMAGE, task.seed, task.index))
-  detector = _detector(site, rng, task.variety)
+  detector = sites.detector(site, rng, task.variety)
   shapes = knee_shapes(task.seed, task.subject)
   knees = []
   for i, side in enumerate(schema.SIDES):
@@ -203,7 +141,8 @@ def render_task(task: ImageTask) -> tuple[np.ndarray, np.ndarray, Site]:
   return pixels, points, site
 
 
-def _dicom(task: ImageTask, pixels: np.ndarray, site: Site) -> pydicom.Dataset:
+def _dicom(task: ImageTask, pixels: np.ndarray,
+           site: sites.Site) -> pydicom.Dataset:
   """A CR or DX dataset around `pixels` (bone bright)."""
   entropy = [str(task.seed), str(task.subject), str(task.visit)]
   study_uid = generate_uid(entropy_srcs=entropy + ['study'])
@@ -313,9 +252,10 @@ def _config(options: dict[str, Any]) -> grading.CohortConfig:
   if 'sites' in options and 'site_weights' not in options:
     options['site_weights'] = (1.0,) * len(options['sites'])
   config = grading.CohortConfig(**options)
-  missing = set(config.sites) - set(SITES)
+  missing = set(config.sites) - set(sites.SITES)
   if missing:
-    raise ValueError(f'Unknown sites {sorted(missing)}; known: {sorted(SITES)}')
+    raise ValueError(f'Unknown sites {sorted(missing)}; '
+                     f'known: {sorted(sites.SITES)}')
   return config
 
 
