@@ -443,3 +443,25 @@ def test_looks_and_sides_taken_together_are_each_as_alone():
         image, spacing, side, bilateral=True, view_mm=256, view_px=128)
     np.testing.assert_array_equal(view, alone)
     np.testing.assert_array_equal(geometry.offset, alone_geometry.offset)
+
+
+def test_bilinear_sampling_is_scipys():
+  # Random sizes, rotations, scales and offsets, some axis-aligned on whole
+  # pixels (samples exactly on the edges): the values and the NaN outside
+  # of scipy.ndimage.affine_transform(order=1, mode='constant').
+  rng = np.random.default_rng(3)
+  for _ in range(100):
+    image = rng.uniform(0, 4000, rng.integers(20, 300, 2)).astype(np.float32)
+    angle, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.3, 3.0)
+    matrix = scale * np.array([[np.cos(angle), -np.sin(angle)],
+                               [np.sin(angle), np.cos(angle)]])
+    offset = rng.uniform(-100, 300, 2)
+    if rng.random() < 0.3:
+      matrix, offset = np.diag([scale, scale]), np.round(offset)
+    n = int(rng.integers(10, 200))
+    want = ndimage.affine_transform(
+        image, matrix[::-1, ::-1], offset[::-1], output_shape=(n, n),
+        order=1, mode='constant', cval=np.nan)
+    got = preprocess._bilinear(image, matrix, offset, n)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)

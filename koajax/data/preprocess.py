@@ -32,6 +32,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from koajax.data import schema
@@ -258,14 +259,34 @@ def _sample_all(image: np.ndarray,
     # Each patch samples its own part of the crop, as it would alone
     # (beyond it: NaN, not the neighbours' pixels).
     own = crop[gy0 - y0:gy1 - y0, gx0 - x0:gx1 - x0]
-    # scipy indexes (row, col): swap both sides of the (x, y) map.
-    matrix = geometry.matrix[::-1, ::-1]
-    offset = (geometry.offset - [gx0, gy0])[::-1]
-    n = geometry.roi_px
-    out.append(ndimage.affine_transform(own, matrix, offset,
-                                        output_shape=(n, n), order=1,
-                                        mode='constant', cval=np.nan))
+    out.append(_bilinear(own, geometry.matrix,
+                         geometry.offset - [gx0, gy0], geometry.roi_px))
   return out
+
+
+def _bilinear(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray,
+              n: int) -> np.ndarray:
+  """The (n, n) bilinear samples of `image` at `matrix @ (x, y) + offset`
+  (pixel centres at whole numbers); NaN where that leaves the image.
+
+  The pixels of scipy.ndimage.affine_transform(order=1, mode='constant',
+  cval=nan), computed by PIL's affine transform, which is about 2.5x faster
+  (the sampling was a fifth of a localiser's time per film).
+  """
+  rows, cols = image.shape
+  # PIL maps output pixel edges to input pixel edges: shift by half a pixel.
+  c = matrix @ [-0.5, -0.5] + offset + 0.5
+  samples = Image.fromarray(np.ascontiguousarray(image, np.float32),
+                            mode='F').transform(
+      (n, n), Image.Transform.AFFINE,
+      (matrix[0, 0], matrix[0, 1], c[0], matrix[1, 0], matrix[1, 1], c[1]),
+      resample=Image.Resampling.BILINEAR)
+  # PIL also extrapolates half a pixel beyond the edges; scipy does not.
+  i = np.arange(n, dtype=np.float64)
+  x = matrix[0, 0] * i[None, :] + matrix[0, 1] * i[:, None] + offset[0]
+  y = matrix[1, 0] * i[None, :] + matrix[1, 1] * i[:, None] + offset[1]
+  inside = (x >= 0) & (x <= cols - 1) & (y >= 0) & (y <= rows - 1)
+  return np.where(inside, np.asarray(samples, np.float32), np.float32(np.nan))
 
 
 def to_uint8(roi: np.ndarray, fill: float) -> np.ndarray:
