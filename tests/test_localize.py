@@ -10,6 +10,7 @@ knee. The trained networks run in test_localizer_run.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,6 @@ from koajax import localize
 from koajax.data import build
 from koajax.data import cache as cache_lib
 from koajax.data import preprocess
-from koajax.data import schema
 
 import test_build as films
 import test_preprocess as phantom
@@ -197,6 +197,24 @@ def test_the_build_without_any_landmarks_file_localises_every_knee(
   # Without a localiser the missing file is still an error.
   with pytest.raises(cli.BadInput, match='landmarks'):
     build.build_cache(manifest, tmp_path / 'other', workers=1, **films.ROI)
+
+
+def test_build_workers_do_not_take_the_whole_gpu(tmp_path, monkeypatch):
+  # Each build worker loads the localiser; JAX must not preallocate most
+  # of a GPU's memory in each (the workers inherit the environment).
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE', raising=False)
+  seen = []
+
+  def load(path):
+    seen.append(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))
+    return _localizer()
+
+  monkeypatch.setattr(localize, 'load', load)
+  manifest = _manifest(tmp_path, set())
+  (tmp_path / 'landmarks.csv').unlink()
+  build.build_cache(manifest, tmp_path / 'cache', workers=1, localizer='LOC',
+                    **films.ROI)
+  assert seen and set(seen) == {'false'}
 
 
 def test_refused_knees_are_skipped_and_the_rest_built(tmp_path, monkeypatch):

@@ -455,6 +455,10 @@ def build_cache(
     points = manifest_lib.read_landmarks(
         landmarks, shown='the landmarks file' if redact_paths else None)
   if localizer:
+    # Every worker process loads the localiser too: on a GPU, JAX's default
+    # of taking 75 % of its memory at start would leave the others none, and
+    # their every knee would be refused.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     from koajax import localize  # JAX: only in builds that localise
     # Refused here, before anything is written, if it is not a localiser;
     # an in-process build uses this one.
