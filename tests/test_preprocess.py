@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 import pydicom.uid
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from koajax.data import dicom_io
@@ -448,7 +449,8 @@ def test_looks_and_sides_taken_together_are_each_as_alone():
 def test_bilinear_sampling_is_scipys():
   # Random sizes, rotations, scales and offsets, some axis-aligned on whole
   # pixels (samples exactly on the edges): the values and the NaN outside
-  # of scipy.ndimage.affine_transform(order=1, mode='constant').
+  # of scipy.ndimage.affine_transform(order=1, mode='constant'), patches
+  # partly off the film and wholly on it.
   rng = np.random.default_rng(3)
   for _ in range(100):
     image = rng.uniform(0, 4000, rng.integers(20, 300, 2)).astype(np.float32)
@@ -459,9 +461,14 @@ def test_bilinear_sampling_is_scipys():
     if rng.random() < 0.3:
       matrix, offset = np.diag([scale, scale]), np.round(offset)
     n = int(rng.integers(10, 200))
+    if rng.random() < 0.3:  # wholly on the film
+      n = int(rng.integers(2, 10))
+      offset = rng.uniform(3 * scale * n, min(image.shape) - 3 * scale * n,
+                           2) if min(image.shape) > 6 * scale * n else offset
     want = ndimage.affine_transform(
         image, matrix[::-1, ::-1], offset[::-1], output_shape=(n, n),
         order=1, mode='constant', cval=np.nan)
-    got = preprocess._bilinear(image, matrix, offset, n)
+    got = preprocess._bilinear(Image.fromarray(image, mode='F'), matrix,
+                               offset, n, origin=(0, 0), film=image.shape)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
