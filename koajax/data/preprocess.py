@@ -270,8 +270,8 @@ def _bilinear(crop: Image.Image, matrix: np.ndarray, offset: np.ndarray,
   `origin` (x, y) on; NaN where the point leaves the (rows, cols) `film`.
 
   The pixels of scipy.ndimage.affine_transform(order=1, mode='constant',
-  cval=nan) on the film, computed by PIL's affine transform, which is about
-  2.5x faster.
+  cval=nan) on the film, computed by PIL's affine transform, about twice as
+  fast.
   """
   # PIL maps output pixel edges to input pixel edges: shift by half a pixel.
   c = matrix @ [-0.5, -0.5] + offset - origin + 0.5
