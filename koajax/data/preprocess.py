@@ -287,16 +287,9 @@ def _bilinear(crop: Image.Image, matrix: np.ndarray, offset: np.ndarray,
       (corners[1] <= rows - 1 - 1e-6).all()):
     return samples  # the patch lies on the film
   i = np.arange(n, dtype=np.float64)
-  if matrix[0, 1] == 0 and matrix[1, 0] == 0:  # axis-aligned: separable
-    x = matrix[0, 0] * i + offset[0]
-    y = matrix[1, 1] * i + offset[1]
-    inside = (((y >= 0) & (y <= rows - 1))[:, None] &
-              ((x >= 0) & (x <= cols - 1))[None, :])
-  else:
-    x = matrix[0, 0] * i[None, :] + matrix[0, 1] * i[:, None] + offset[0]
-    y = matrix[1, 0] * i[None, :] + matrix[1, 1] * i[:, None] + offset[1]
-    inside = (x >= 0) & (x <= cols - 1) & (y >= 0) & (y <= rows - 1)
-  samples[~inside] = np.nan
+  x = matrix[0, 0] * i[None, :] + matrix[0, 1] * i[:, None] + offset[0]
+  y = matrix[1, 0] * i[None, :] + matrix[1, 1] * i[:, None] + offset[1]
+  samples[(x < 0) | (x > cols - 1) | (y < 0) | (y > rows - 1)] = np.nan
   return samples
 
 
@@ -359,9 +352,9 @@ def extract_rois(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
   """`extract_roi` of one knee's side at each of `landmark_sets` (a
   localiser's looks at it), the film filtered once for all."""
+  landmark_sets = [np.asarray(points, np.float64) for points in landmark_sets]
   geometries = []
   for landmarks in landmark_sets:
-    landmarks = np.asarray(landmarks, np.float64)
     if landmarks.shape != (schema.NUM_LANDMARKS, 2):
       raise ValueError(f'landmarks have shape {landmarks.shape}, expected '
                        f'({schema.NUM_LANDMARKS}, 2)')
@@ -374,7 +367,6 @@ def extract_rois(
   if background is None:
     background = background_level(image)
   return [(to_uint8(patch, fill=background),
-           geometry.to_roi(np.asarray(landmarks, np.float64)).astype(
-               np.float32))
+           geometry.to_roi(landmarks).astype(np.float32))
           for landmarks, geometry, patch in zip(
               landmark_sets, geometries, _sample_all(image, geometries))]
