@@ -154,3 +154,15 @@ def test_jit_does_not_retrace(pairs):
   for seed in range(3):
     v1, v2 = two_views(jax.random.key(seed), pairs + seed)
     assert not np.array_equal(v1, v2)
+
+
+def test_augment_parts_draw_what_the_concatenated_batch_would():
+  rng = np.random.default_rng(0)
+  parts = [rng.integers(0, 256, (n, 2, 32, 32), dtype=np.uint8)
+           for n in (3, 5)]
+  key = jax.random.key(7)
+  whole = augment.augment_batch(augment.semixup_augment, key,
+                                np.concatenate(parts))
+  got = augment.augment_parts(augment.semixup_augment, key, parts)
+  assert [g.shape[0] for g in got] == [3, 5]
+  np.testing.assert_array_equal(np.concatenate(got), whole)

@@ -175,8 +175,9 @@ def test_exploding_loss_stops_without_a_report(data_root, tmp_path):
   assert not (tmp_path / 'metrics.json').exists()
 
 
-def test_step_agrees_on_one_and_eight_devices(data_root, tmp_path):
-  config = smoke_config('supervised', data_root)
+@pytest.mark.parametrize('method', ['supervised', 'semixup'])
+def test_step_agrees_on_one_and_eight_devices(method, data_root, tmp_path):
+  config = smoke_config(method, data_root)
   trainer = train.Trainer(config, tmp_path)
   batch = {name: jax.tree.map(np.asarray, next(it))
            for name, it in trainer.streams.items()}
@@ -444,3 +445,53 @@ def test_an_unknown_selection_metric_is_refused_before_training(data_root,
                      r'kl/kappa'):
     train.Trainer(config, tmp_path)
   assert not (tmp_path / 'checkpoints').exists()
+
+
+class _CentreByBatch(nnx.Module):
+  """Subtracts the batch mean, optionally through batch norm's statistics:
+  an output that shows which knees were in one call."""
+
+  def __init__(self, batch_norm, rngs):
+    self.norm = (nnx.BatchNorm(2, use_bias=False, use_scale=False,
+                               momentum=0.5, rngs=rngs)
+                 if batch_norm else None)
+
+  def __call__(self, x, *, train, rngs):
+    del rngs
+    if self.norm is not None:
+      return self.norm(x, use_running_average=not train)
+    return x - x.mean(0)
+
+
+def _parts_loss(forward, batch, key, *, epoch):
+  del epoch
+  out = forward((batch['a'], batch['b']), key)
+  return jnp.sum(out ** 2), {'out': out}
+
+
+@pytest.mark.parametrize('batch_norm', [False, True])
+def test_parts_of_a_batch_run_apart_unless_batch_norm_couples_them(batch_norm):
+  graphdef, params, extra = nnx.split(_CentreByBatch(batch_norm, nnx.Rngs(0)),
+                                      nnx.Param, ...)
+  tx = optax.sgd(0.0)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           extra=extra, opt_state=tx.init(params),
+                           method_state={})
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(4, 2)).astype(np.float32)
+  b = rng.normal(3.0, 2.0, size=(6, 2)).astype(np.float32)
+  new, metrics = jax.jit(functools.partial(
+      step_lib.train_step, graphdef=graphdef, tx=tx,
+      method=methods.LossMethod(_parts_loss)))(
+          state, {'a': a, 'b': b}, jax.random.key(0), 1)
+  whole = np.concatenate([a, b])
+  if batch_norm:  # one call: normalised by the statistics of all 10
+    np.testing.assert_allclose(
+        metrics['out'], (whole - whole.mean(0)) / np.sqrt(whole.var(0) + 1e-5),
+        rtol=1e-5, atol=1e-5)
+    running = nnx.to_pure_dict(new.extra)['norm']['mean']
+    np.testing.assert_allclose(running, 0.5 * whole.mean(0), rtol=1e-5)
+  else:  # one call per part
+    np.testing.assert_allclose(
+        metrics['out'], np.concatenate([a - a.mean(0), b - b.mean(0)]),
+        rtol=1e-5, atol=1e-6)

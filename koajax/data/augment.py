@@ -25,12 +25,13 @@ outside, as in `koajax.data.views`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -238,3 +239,14 @@ def augment_batch(fn: Callable[..., Any], key: Array, images: Array,
   """
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(functools.partial(fn, **kwargs))(keys, images, *batched)
+
+
+def augment_parts(fn: Callable[..., Array], key: Array,
+                  parts: Sequence[Array], **kwargs: Any) -> tuple[Array, ...]:
+  """`augment_batch(fn, key, concatenate(parts))` returned as its parts:
+  the same draw for every sample, without concatenating the parts (which
+  would move samples between the devices a batch is sharded over)."""
+  keys = jax.random.split(key, sum(p.shape[0] for p in parts))
+  fn = jax.vmap(functools.partial(fn, **kwargs))
+  starts = np.cumsum([0] + [p.shape[0] for p in parts])
+  return tuple(fn(keys[a:b], p) for a, b, p in zip(starts, starts[1:], parts))

@@ -26,8 +26,14 @@ the weights and a resumed run goes on with exactly what it had. `forward(images,
 key, **inputs)` runs the model in training mode and returns its output dict
 ({'logits': {head: ...}, 'features': {...}}); `inputs` are the model's other
 keyword inputs, if it takes any (`keypoints=` for the keypoint pooling
-network). `batch` maps each stream to a dict of arrays (image, labels
-{head: ...}, grades, keypoints in the 'keypoints' view, ...).
+network). `images` may also be a tuple of parts of one batch (the labeled
+and unlabeled knees of a consistency pool), each input then a tuple of as
+many parts: the output is the whole batch's, and the step runs the parts as
+separate calls unless the model couples the knees of a batch (batch norm),
+so that knees sharded over the data mesh stay on their devices
+(`koajax.train.step.forward_parts`). `batch` maps each stream to a dict
+of arrays (image, labels {head: ...}, grades, keypoints in the 'keypoints'
+view, ...).
 
 Every module of this package that defines `METHODS = {name: Spec}` offers its
 methods to configs (`config.method`); `config.method='pkg.module:name'` names

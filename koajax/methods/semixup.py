@@ -14,7 +14,12 @@ concatenating the views along the sharded batch axis would move images
 between devices and give each device a larger batch, on which XLA's CPU
 weight-gradient convolutions run slower per knee (the Semixup step took 57 s
 with one call on the concatenated views, 45 s with one per view; see
-benchmarks/README.md).
+benchmarks/README.md). For the same reason the consistency pool (labeled U
+unlabeled knees) is kept as its two streams, and its views go to `forward`
+as those parts: each runs as its own call unless the model has batch norm,
+whose statistics are over the whole pool (`koajax.train.step.forward_parts`).
+Every augmentation and mixing draw is the one the concatenated pool would
+get, and with batch norm the step computes exactly what it would on it.
 
 The losses themselves are the pure functions of `koajax.losses`; a method is
 the recipe of views around one of them, and a config picks it by name.
@@ -36,6 +41,7 @@ from koajax.data import augment
 
 Array = jax.Array
 Forward = Callable[[Array, Array], Array]
+Parts = tuple[Array, ...]  # one batch as arrays to concatenate
 
 
 def _augment(key: Array, images: Array) -> Array:
@@ -43,10 +49,28 @@ def _augment(key: Array, images: Array) -> Array:
   return augment.augment_batch(augment.semixup_augment, key, images)
 
 
+def _augment_parts(key: Array, parts: Parts) -> Parts:
+  """`_augment(key, concatenate(parts))`, as its parts."""
+  return augment.augment_parts(augment.semixup_augment, key, parts)
+
+
+def _mix_parts(parts: Parts, perm: Array, lam: Array) -> Parts:
+  """`mix(x, x[perm], lam)` of x = concatenate(parts), as its parts; `lam`
+  a scalar or one value per sample of x."""
+  whole = jnp.concatenate(parts)
+  out, start = [], 0
+  for part in parts:
+    rows = slice(start, start + part.shape[0])
+    start = rows.stop
+    part_lam = lam if jnp.ndim(lam) == 0 else lam[rows]
+    out.append(losses.mix(part, whole[perm[rows]], part_lam))
+  return tuple(out)
+
+
 def _forward(forward: Forward, key: Array, head: str,
-             *views: Array) -> list[Array]:
-  """`head`'s logits of several view batches, one forward pass (and dropout
-  key) per view."""
+             *views: Array | Parts) -> list[Array]:
+  """`head`'s logits of several view batches (each an array or a tuple of
+  parts), one forward pass (and dropout key) per view."""
   return [forward(v, jax.random.fold_in(key, i))['logits'][head]
           for i, v in enumerate(views)]
 
@@ -79,10 +103,10 @@ def mixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
                       lam=lam)
 
 
-def _consistency_pool(batch: Mapping[str, Any]) -> Array:
-  """The knees consistency terms use: labeled and unlabeled together."""
-  return jnp.concatenate([batch['labeled']['image'],
-                          batch['unlabeled']['image']])
+def _consistency_pool(batch: Mapping[str, Any]) -> Parts:
+  """The knees consistency terms use, labeled and unlabeled together, as
+  the parts of one batch."""
+  return batch['labeled']['image'], batch['unlabeled']['image']
 
 
 def pi_model(forward: Forward, batch: Mapping[str, Any], key: Array, *,
@@ -94,7 +118,7 @@ def pi_model(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   pool = _consistency_pool(batch)
   logits_l, logits_1, logits_2 = _forward(
       forward, k_fwd, head, _augment(k1, batch['labeled']['image']),
-      _augment(k2, pool), _augment(k3, pool))
+      _augment_parts(k2, pool), _augment_parts(k3, pool))
   return losses.pi_model(
       logits_labeled=logits_l, labels=_labels(batch, head),
       probs_view1=jax.nn.softmax(logits_1), probs_view2=jax.nn.softmax(logits_2),
@@ -111,12 +135,12 @@ def ict(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   from the model itself in the same pass and are held constant.
   """
   k_l, k_u, k_lam, k_perm, k_fwd = jax.random.split(key, 5)
-  u = _augment(k_u, _consistency_pool(batch))
+  u = _augment_parts(k_u, _consistency_pool(batch))
   lam = losses.sample_mix_lambda(k_lam, alpha=alpha)
-  perm = losses.mixing_permutation(k_perm, u.shape[0])
+  perm = losses.mixing_permutation(k_perm, sum(p.shape[0] for p in u))
   logits_l, logits_u, logits_mix = _forward(
       forward, k_fwd, head, _augment(k_l, batch['labeled']['image']), u,
-      losses.mix(u, u[perm], lam))
+      _mix_parts(u, perm, lam))
   probs_u = jax.nn.softmax(logits_u)
   weight = max_weight * losses.sigmoid_rampup(epoch, rampup_epochs)
   loss, aux = losses.ict(
@@ -137,24 +161,24 @@ def mixmatch(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   k_l, k_u, k_lam, k_perm, k_guess, k_fwd = jax.random.split(key, 6)
   x = _augment(k_l, batch['labeled']['image'])
   u_images = batch['unlabeled']['image']
-  u_views = jnp.stack([_augment(k, u_images) for k in
-                       jax.random.split(k_u, num_augmentations)])
+  u_views = tuple(_augment(k, u_images) for k in
+                  jax.random.split(k_u, num_augmentations))
   n_u = u_images.shape[0]
   # The guess is made with dropout as in training; it carries no gradient.
-  guess_logits = _forward(forward, k_guess, head,
-                          u_views.reshape(-1, *u_images.shape[1:]))[0]
+  guess_logits = _forward(forward, k_guess, head, u_views)[0]
   guess = losses.mixmatch_guess(
       jax.nn.softmax(guess_logits).reshape(num_augmentations, n_u, -1),
       temperature)
-  inputs = jnp.concatenate([x, u_views.reshape(-1, *u_images.shape[1:])])
+  inputs = (x, *u_views)
   targets = jnp.concatenate([
       jax.nn.one_hot(_labels(batch, head), num_classes),
       jnp.tile(guess, (num_augmentations, 1))])
+  n = targets.shape[0]
   # One coefficient per sample, folded >= 0.5 so each mix stays closer to
   # its own (labeled or unlabeled) sample.
-  lam = losses.sample_mix_lambda(k_lam, alpha=alpha, shape=(inputs.shape[0],))
-  perm = losses.mixing_permutation(k_perm, inputs.shape[0])
-  mixed = losses.mix(inputs, inputs[perm], lam)
+  lam = losses.sample_mix_lambda(k_lam, alpha=alpha, shape=(n,))
+  perm = losses.mixing_permutation(k_perm, n)
+  mixed = _mix_parts(inputs, perm, lam)
   mixed_targets = losses.mix(targets, targets[perm], lam)
   n_l = x.shape[0]
   (logits,) = _forward(forward, k_fwd, head, mixed)
@@ -182,16 +206,16 @@ def semixup(forward: Forward, batch: Mapping[str, Any], key: Array, *,
   del epoch
   k1, k2, k_l, k_lam, k_lam_l, k_perm, k_perm_l, k_fwd = jax.random.split(key, 8)
   pool = _consistency_pool(batch)
-  t1, t2 = _augment(k1, pool), _augment(k2, pool)
+  t1, t2 = _augment_parts(k1, pool), _augment_parts(k2, pool)
   lam = losses.sample_mix_lambda(k_lam, alpha=alpha, floor=floor_unlabeled)
-  perm = losses.mixing_permutation(k_perm, pool.shape[0])
+  perm = losses.mixing_permutation(k_perm, sum(p.shape[0] for p in pool))
   x_l, y = _augment(k_l, batch['labeled']['image']), _labels(batch, head)
   lam_l = losses.sample_mix_lambda(k_lam_l, alpha=alpha, floor=floor_labeled)
   perm_l = losses.mixing_permutation(k_perm_l, x_l.shape[0])
   if terms.mixup_labeled:
     x_l = losses.mix(x_l, x_l[perm_l], lam_l)
   logits_l, logits_1, logits_2, logits_mix = _forward(
-      forward, k_fwd, head, x_l, t1, t2, losses.mix(t1, t1[perm], lam))
+      forward, k_fwd, head, x_l, t1, t2, _mix_parts(t1, perm, lam))
   return losses.semixup(
       logits_labeled=logits_l, labels=y, labels_partner=y[perm_l],
       lam_labeled=lam_l, logits_aug1=logits_1, logits_aug2=logits_2,

@@ -211,6 +211,32 @@ def normalise(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
 
 
+def forward_parts(call: Callable[..., Any], parts, key: jax.Array, *,
+                  coupled: bool, **inputs: Any) -> Any:
+  """`call(images, key, **inputs)` on one batch given as parts: arrays that
+  concatenate to it along the batch axis (the labeled and unlabeled knees
+  of a consistency pool, say), each input a tuple of as many parts.
+
+  When the call couples the knees of a batch (`coupled`: batch norm's
+  statistics), the parts run as one call on their concatenation. Otherwise
+  each part is its own call, with the key folded by its position, and the
+  outputs are concatenated: the same function of each knee, but a part
+  that arrives sharded over the data mesh stays where it is. Concatenating
+  the parts first would move knees between devices and give each device
+  more of them, and XLA's CPU convolutions run slower per knee on larger
+  per-device batches (a Semixup step on 32 CPU devices: 24.8 s on the
+  concatenated pool, 22.3 s per part; benchmarks/README.md).
+  """
+  parts = tuple(parts)
+  if coupled or len(parts) == 1:
+    return call(jnp.concatenate(parts), key,
+                **{k: jnp.concatenate(v) for k, v in inputs.items()})
+  outs = [call(part, jax.random.fold_in(key, i),
+               **{k: v[i] for k, v in inputs.items()})
+          for i, part in enumerate(parts)]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
 def train_step(state: TrainState, batch, key: jax.Array,
                steps_per_epoch: jax.Array | int, *, graphdef, tx, method,
                lr_scale: Callable[[jax.Array], jax.Array] | None = None):
@@ -221,12 +247,19 @@ def train_step(state: TrainState, batch, key: jax.Array,
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.extra, copy=True)
+    coupled = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
 
-    def forward(images, dropout_key, **inputs):
+    def call(images, dropout_key, **inputs):
       # `inputs`: what a model takes besides the images (the keypoints of
       # the keypoint pooling network), handed on by the method.
       return model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key),
                    **inputs)
+
+    def forward(images, dropout_key, **inputs):
+      if isinstance(images, (tuple, list)):
+        return forward_parts(call, images, dropout_key, coupled=coupled,
+                             **inputs)
+      return call(images, dropout_key, **inputs)
 
     loss, aux = method.loss(forward, batch, key, epoch=epoch,
                             state=state.method_state)
