@@ -469,8 +469,10 @@ def _parts_loss(forward, batch, key, *, epoch):
   return jnp.sum(out ** 2), {'out': out}
 
 
-@pytest.mark.parametrize('batch_norm', [False, True])
-def test_parts_of_a_batch_run_apart_unless_batch_norm_couples_them(batch_norm):
+@pytest.mark.parametrize('batch_norm,devices', [(False, 2), (True, 2),
+                                                 (False, 1)])
+def test_parts_of_a_batch_run_apart_unless_batch_norm_couples_them(
+    batch_norm, devices):
   graphdef, params, extra = nnx.split(_CentreByBatch(batch_norm, nnx.Rngs(0)),
                                       nnx.Param, ...)
   tx = optax.sgd(0.0)
@@ -480,10 +482,14 @@ def test_parts_of_a_batch_run_apart_unless_batch_norm_couples_them(batch_norm):
   rng = np.random.default_rng(0)
   a = rng.normal(size=(4, 2)).astype(np.float32)
   b = rng.normal(3.0, 2.0, size=(6, 2)).astype(np.float32)
-  new, metrics = jax.jit(functools.partial(
-      step_lib.train_step, graphdef=graphdef, tx=tx,
-      method=methods.LossMethod(_parts_loss)))(
-          state, {'a': a, 'b': b}, jax.random.key(0), 1)
+  mesh = jax.make_mesh((devices,), ('data',), devices=jax.devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  batch = jax.device_put({'a': a, 'b': b}, jax.NamedSharding(mesh, jax.P('data')))
+  with jax.set_mesh(mesh):
+    new, metrics = jax.jit(functools.partial(
+        step_lib.train_step, graphdef=graphdef, tx=tx,
+        method=methods.LossMethod(_parts_loss)))(
+            state, batch, jax.random.key(0), 1)
   whole = np.concatenate([a, b])
   if batch_norm:  # one call: normalised by the statistics of all 10
     np.testing.assert_allclose(
@@ -491,7 +497,7 @@ def test_parts_of_a_batch_run_apart_unless_batch_norm_couples_them(batch_norm):
         rtol=1e-5, atol=1e-5)
     running = nnx.to_pure_dict(new.extra)['norm']['mean']
     np.testing.assert_allclose(running, 0.5 * whole.mean(0), rtol=1e-5)
-  else:  # one call per part
+  else:  # one call per part, on any number of devices
     np.testing.assert_allclose(
         metrics['out'], np.concatenate([a - a.mean(0), b - b.mean(0)]),
         rtol=1e-5, atol=1e-6)

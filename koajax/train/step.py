@@ -225,7 +225,8 @@ def forward_parts(call: Callable[..., Any], parts, key: jax.Array, *,
   the parts first would move knees between devices and give each device
   more of them, and XLA's CPU convolutions run slower per knee on larger
   per-device batches (a Semixup step on 32 CPU devices: 24.8 s on the
-  concatenated pool, 22.3 s per part; benchmarks/README.md).
+  concatenated pool, 22.3 s per part; benchmarks/README.md). The split does
+  not depend on the mesh, so a step draws the same on any number of devices.
   """
   parts = tuple(parts)
   if coupled or len(parts) == 1:
