@@ -257,7 +257,11 @@ def _siamese_outputs(model, pairs: jax.Array, *, train: bool, dropout: bool,
     raise ValueError(f'expected (batch, 2, H, W) patch pairs, got {pairs.shape}')
   b, _, h, w = pairs.shape
   taps = Taps(offsets)
-  # One pass over 2B patches is cheaper than two passes over B.
+  # Both patches of every knee in one pass of the shared branch: batch
+  # norm's statistics are over all 2B patches, and one larger call suits an
+  # accelerator. (On 32 CPU devices two passes over B made the SL step 4 %
+  # faster on one Xeon, benchmarks/README.md; they would draw other dropout
+  # masks, so the one pass stays until a GPU says which it prefers.)
   maps, feats = model.features(pairs.reshape(2 * b, h, w, 1), train=train,
                                dropout=dropout, rngs=rngs, taps=taps)
   feats = feats.reshape(b, 2 * feats.shape[-1])  # [lateral | medial]
