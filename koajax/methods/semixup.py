@@ -19,7 +19,8 @@ unlabeled knees) is kept as its two streams, and its views go to `forward`
 as those parts: each runs as its own call unless the model has batch norm,
 whose statistics are over the whole pool (`koajax.train.step.forward_parts`).
 Every augmentation and mixing draw is the one the concatenated pool would
-get, and with batch norm the step computes exactly what it would on it.
+get, and with batch norm the step computes what it would on it (to float
+rounding: XLA may sum in another order).
 
 The losses themselves are the pure functions of `koajax.losses`; a method is
 the recipe of views around one of them, and a config picks it by name.
