@@ -9,14 +9,21 @@ step of a small network as 8 (the localiser's smoke run: 44 s on 8, 25 s on
 would give 2 to 32, and 32 is slower still at smoke sizes.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests build the same programs several times (e.g. a run and its resumption);
-# a compilation cache for this test session compiles each once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='koajax-jax-cache-'))
+# a compilation cache for this test session compiles each once. The process
+# that makes it (pytest's controller; its workers inherit the variable)
+# removes it at exit: tens of MB a run would otherwise pile up in /tmp.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='koajax-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
