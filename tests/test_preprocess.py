@@ -400,9 +400,10 @@ def test_bad_landmarks_raise():
     preprocess.extract_roi(image, (1, 1), good, 'R', roi_mm=40, roi_px=40)
 
 
-def _by_hand(image, geometry, background):
+def _by_hand(image, geometry, background, hidden=None):
   """A patch sampled from the whole film filtered at once (SciPy), the way
-  the module's docstring describes, to 8 bits as `to_uint8` does."""
+  the module's docstring describes, to 8 bits as `to_uint8` does; the
+  `hidden` columns count as off the film."""
   step = np.linalg.norm(geometry.matrix, axis=1)[::-1]  # (row, col)
   filtered = ndimage.gaussian_filter(image, np.maximum(0, (step - 1) / 2),
                                      mode='nearest')
@@ -410,6 +411,8 @@ def _by_hand(image, geometry, background):
   patch = ndimage.affine_transform(
       filtered, geometry.matrix[::-1, ::-1], geometry.offset[::-1],
       output_shape=(n, n), order=1, mode='constant', cval=np.nan)
+  if hidden is not None:
+    patch[:, hidden] = np.nan
   valid = ~np.isnan(patch)
   low, high = np.percentile(patch[valid], preprocess.CLIP_PERCENTILES)
   patch = np.where(valid, patch, background)
@@ -444,6 +447,50 @@ def test_looks_and_sides_taken_together_are_each_as_alone():
         image, spacing, side, bilateral=True, view_mm=256, view_px=128)
     np.testing.assert_array_equal(view, alone)
     np.testing.assert_array_equal(geometry.offset, alone_geometry.offset)
+
+
+@pytest.mark.parametrize('view_mm,view_px', [(256, 128), (256, 256),
+                                              (100, 400)])
+@pytest.mark.parametrize('bilateral', [True, False])
+def test_side_views_are_the_whole_filtered_films(view_mm, view_px, bilateral):
+  # Axis-aligned views take only the filtered pixels they need: the same
+  # values as the whole film filtered by SciPy and sampled, the view larger
+  # than the film (NaN, then background, beyond it) or inside it, each
+  # side, coarser than the film (filtered) and finer (100 mm at 400 px).
+  spacing = (0.2, 0.25)
+  shape = (760, 1500) if bilateral else (900, 700)
+  knees = ([((80, 60), 6.0, 'R'), ((220, 80), -4.0, 'L')] if bilateral
+           else [((90, 110), 3.0, 'L')])
+  film, _ = render_film(shape, spacing, knees)
+  image = film.astype(np.float32)
+  background = preprocess.background_level(image)
+  sides = 'RL' if bilateral else 'L'
+  for side, (view, geometry) in zip(sides, preprocess.extract_sides(
+      image, spacing, list(sides), bilateral=bilateral, view_mm=view_mm,
+      view_px=view_px, background=background)):
+    hidden = None
+    if bilateral:  # the other knee's half of the film
+      x = geometry.matrix[0, 0] * np.arange(view_px) + geometry.offset[0]
+      middle = image.shape[1] / 2 - 0.5
+      hidden = x > middle if side == 'R' else x < middle
+    hand = _by_hand(image, geometry, background, hidden)
+    assert np.abs(view - hand).max() <= 1 and np.mean(view != hand) < 1e-3
+
+
+def test_axis_weights_are_scipys_filter_and_interpolation():
+  # One axis: the weights applied to a signal give SciPy's Gaussian filter
+  # ('nearest' edges) linearly interpolated, at points on whole pixels,
+  # between them and on both edges.
+  rng = np.random.default_rng(0)
+  signal = rng.uniform(0, 1000, 301)
+  for sigma in (0.0, 0.4, 1.3, 4.5):
+    filtered = ndimage.gaussian_filter1d(signal, sigma, mode='nearest') \
+        if sigma else signal
+    points = np.concatenate([[0.0, 300.0, 17.0], rng.uniform(0, 300, 50)])
+    want = np.interp(points, np.arange(301), filtered)
+    weights, start = preprocess._axis_weights(points, 301, sigma)
+    got = weights @ signal[start:start + weights.shape[1]]
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 weights
 
 
 def test_bilinear_sampling_is_scipys():
