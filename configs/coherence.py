@@ -97,8 +97,6 @@ def get_config(arg=None):
   # selecting on it kept the first epoch's snapshot.
   config.selection = ('kappa', 'mean/kappa')
   config.log_every_steps = 20
-  # One CPU device per core, as for the other ResNets (koajax.runtime).
-  config.cpu_devices = -1
   if preset == 'quick':
     config.model.backbone = 'resnet18'
     config.view_size = 128

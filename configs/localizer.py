@@ -93,8 +93,6 @@ def get_config(arg=None):
   # before the localiser says there is no knee (koajax/localize.py).
   config.localize = config_lib.ml_collections.ConfigDict(
       {'max_disagreement_mm': 2.5})
-  # One CPU device per core, as for the other ResNets (koajax.runtime).
-  config.cpu_devices = -1
   if preset.startswith('coarse'):
     return _coarse(config, preset)
   if preset == 'quick':

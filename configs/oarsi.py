@@ -68,9 +68,6 @@ def get_config(arg=None):
   # mean over the heads of their log loss).
   config.selection = ('loss', 'balanced_accuracy', 'mean/kappa')
   config.log_every_steps = 20
-  # One CPU device per core: a ResNet's convolutions keep a core busy with a
-  # whole share of the batch (koajax.runtime).
-  config.cpu_devices = -1
   if preset == 'reference':
     config.optimizer.heads_only_epochs = 1.0
     config.optimizer.boundary_epochs = {'1': 0.1, '3': 0.1}

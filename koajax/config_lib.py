@@ -109,9 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = data_config()
   config.data_workers = 0  # Grain worker processes per stream
   # CPU only: split the host into this many devices (koajax.runtime); the
-  # batch is sharded over the largest count that divides it. 0: JAX default;
-  # -1: one per core.
-  config.cpu_devices = 32
+  # batch is sharded over the largest count that divides it. 0: the count
+  # measured fastest for this step on this machine (koajax.calibrate, kept
+  # in ~/.cache/koajax/cpu_devices.json); -1: one per core.
+  config.cpu_devices = 0
   # Compiled programs kept across runs (koajax.runtime); '' for none.
   config.compilation_cache = '~/.cache/koajax/jax'
   config.split = split_recipes.split_config('semixup')

@@ -47,8 +47,9 @@ def main(argv):
   elif config.job in ('train', 'active_learning'):
     # Both before JAX creates its backends.
     from koajax import runtime
-    runtime.configure_host(config)
-    if _DISTRIBUTED.value or _COORDINATOR.value:
+    distributed = bool(_DISTRIBUTED.value or _COORDINATOR.value)
+    runtime.configure_host(config, distributed=distributed)
+    if distributed:
       runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)
     if config.job == 'train':

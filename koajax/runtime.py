@@ -23,8 +23,6 @@ T = TypeVar('T')
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_DEVICES = 32
-
 
 def cores() -> int:
   """The CPU cores this process may run on."""
@@ -38,7 +36,8 @@ def configure_cpu_devices(count: int) -> None:
   """Splits the host into `count` CPU devices; call before JAX starts.
 
   `count` 0 keeps JAX's default (one device, or what XLA_FLAGS forces);
-  -1 is one device per core this process may use (`cores`): a network of
+  -1 is one device per core this process may use (`cores`); a run config
+  that leaves it at 0 measures it (`configure_host`). A network of
   large convolutions (the ResNets) keeps a core busy with one device's share
   of the batch, and smaller shares only add overhead (ResNet-18 at 128 px,
   batch 32, on a 2-core AMD EPYC: 1.08 s per step on 1 device, 0.60 s on 2,
@@ -74,11 +73,16 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_compilation_cache_dir', path)
 
 
-def configure_host(config) -> None:
-  """A run config's `cpu_devices` and `compilation_cache`, before JAX starts
-  (configs saved before either field existed get JAX's defaults)."""
-  configure_cpu_devices(config.get('cpu_devices', 0))
+def configure_host(config, *, distributed: bool = False) -> None:
+  """A run config's `cpu_devices` and `compilation_cache`, before JAX starts.
+
+  `cpu_devices` 0 (and configs saved before the field existed) is the count
+  measured on this machine for the run's step (`koajax.calibrate`); in a
+  multi-process run (`distributed`), one device per core.
+  """
+  from koajax import calibrate  # pylint: disable=import-outside-toplevel
   enable_compilation_cache(config.get('compilation_cache', ''))
+  configure_cpu_devices(calibrate.resolve(config, distributed=distributed))
 
 
 def initialize_distributed(coordinator_address: str | None = None,
