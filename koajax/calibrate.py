@@ -9,17 +9,19 @@ per step on 2 devices, 2.60 s on 32). So a run whose config leaves
 `cpu_devices` at 0 measures it: its model's step at its batch size on a few
 device counts, each in a child process (a process's device count is fixed
 once JAX starts), and takes the fewest devices within 5 % of the fastest.
-The answer is kept per machine (CPU
-model and features, core count, JAX version) and per step (model, view,
-batch size) in ~/.cache/koajax/cpu_devices.json, so each is measured once.
+The answer is kept per machine (CPU model and features, core count, JAX
+version) and per step (model, view, batch size) in
+~/.cache/koajax/cpu_devices.json, so each is measured once.
 
 The step measured is the run's network forward and backward on the labeled
 batch with the run's optimiser, what the convolutions cost, without the
 method's other streams and views (a Semixup step is seven such passes; on
-the Xeon the device count that is fastest for one was fastest for the
-whole step). Nothing is measured where it would not be used: on an
-accelerator, in a multi-process run (one device per core, so every host
-agrees) or where XLA_FLAGS sets the device count.
+the Xeon the count fastest for one pass was the fastest for the whole
+Semixup step too: 2 against 8 devices for the quick preset, 32 against 8
+and 16 for the paper's network). Nothing is measured where it would not be
+used: where an accelerator plugin is installed and in a multi-process run
+(one device per core, so that every host agrees), or where XLA_FLAGS sets
+the device count.
 
 Measure ahead of a run, or again (`--force`), and see every count's time:
 
@@ -200,15 +202,16 @@ def cpu_devices(config: ml_collections.ConfigDict, *, force: bool = False,
 def resolve(config: ml_collections.ConfigDict, *,
             distributed: bool = False) -> int:
   """`config.cpu_devices` as `runtime.configure_cpu_devices` takes it: 0
-  (measure) becomes the measured count, or -1 (one per core) in a
-  multi-process run; 0 stays where nothing would use it."""
+  (measure) becomes the measured count; or -1 (one per core) in a
+  multi-process run and where an accelerator plugin is installed (its
+  devices are the default; should JAX find none, it runs on the CPU);
+  0 where XLA_FLAGS sets the count."""
   count = int(config.get('cpu_devices', 0))
   if count:
     return count
-  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
-      or _accelerator_installed()):
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return 0
-  if distributed:
+  if distributed or _accelerator_installed():
     return -1
   return cpu_devices(config)
 

@@ -112,7 +112,7 @@ def test_nothing_is_measured_where_it_would_not_be_used(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '')
   assert calibrate.resolve(config, distributed=True) == -1
   monkeypatch.setattr(calibrate, '_accelerator_installed', lambda: True)
-  assert calibrate.resolve(config) == 0
+  assert calibrate.resolve(config) == -1
   monkeypatch.setattr(calibrate, '_accelerator_installed', lambda: False)
   with pytest.raises(AssertionError, match='measured'):
     calibrate.resolve(config)
