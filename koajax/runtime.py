@@ -6,6 +6,8 @@ many host devices, each running its share of the batch, keep them busy: on a
 device, 9.3 s on 8 and 6.0 s on 32 (see benchmarks/README.md). So on a CPU
 koajax splits the host into `cpu_devices` devices and shards every batch
 over them, the same data parallelism that spreads a batch over accelerators.
+How many is best depends on the network and the CPU; a run measures it
+(`koajax.calibrate`).
 """
 
 from __future__ import annotations
