@@ -299,7 +299,7 @@ def main(argv):
   logging.getLogger('koajax').setLevel(logging.INFO)
   logging.basicConfig(format='%(message)s')
   config = config_checks.check(values.config)
-  print(cpu_devices(config, force=values.force))
+  print(cpu_devices(config, force=values.force, cache=Path(values.cache)))
 
 
 if __name__ == '__main__':
@@ -310,6 +310,8 @@ if __name__ == '__main__':
                                   'Run config, FILE[:preset].',
                                   lock_config=True)
   flags.DEFINE_bool('force', False, 'Measure again, even if known.')
+  flags.DEFINE_string('cache', str(CACHE), 'Where the measured counts are '
+                      'kept (runs read the default).')
   flags.DEFINE_string('child', '', 'internal: a folder with the config.json '
                       'to time')
   flags.DEFINE_integer('devices', 0, 'internal: the device count to time')

@@ -57,6 +57,10 @@ SCENARIO = {
     'python -m koajax.data.oai --grades=kxr_sq_bu00.txt,kxr_sq_bu01.txt '
     '--images=images.csv --out=manifest.csv [--sites=Enrollees.txt]': 'help',
     'python -m koajax.data.png_folders --root=DIR --out=DIR': 'help',
+    # Measures for real, kept out of the user's cache.
+    'python -m koajax.calibrate --config=FILE:preset':
+        ['koajax.calibrate', '--config=configs/supervised.py:smoke',
+         '--cache={tmp}/cpu_devices.json'],
     'python -m koajax.data.build --manifest=PATH --out=DIR [--landmarks=PATH] '
     '[--localizer=DIR] [--roi_mm=140] [--roi_px=400] [--workers=N] '
     '[--strict]':
@@ -253,3 +257,4 @@ def test_readme_commands_run_on_tiny_data(tmp_path):
   assert (tmp_path / 'koajax-semixup' / 'metrics.json').is_file()
   assert (tmp_path / 'al-curves.png').is_file()
   assert (tmp_path / 'built' / 'index.csv').is_file()
+  assert 'cpu_devices' in (tmp_path / 'cpu_devices.json').read_text()
