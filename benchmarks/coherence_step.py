@@ -70,7 +70,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype of both sides.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', -1, 'CPU devices for koajax (koajax.runtime; -1: one per '
-    'core, as configs/coherence.py).')
+    'core, as koajax.calibrate chooses for the ResNets on a 2-core Xeon).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time timm + PyTorch.')
 _TORCH_DEVICE = flags.DEFINE_string(
     'torch_device', 'auto', "PyTorch's device; auto: cuda when available.")

@@ -69,7 +69,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype of both sides.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 32, 'CPU devices for koajax (koajax.runtime; the '
-    "trainer's default); the mesh uses the largest count dividing the batch.")
+    "trainer's default until runs measured it, as in the tables of "
+    'benchmarks/README.md); the mesh uses the largest count dividing the '
+    'batch.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference.')
 _TORCH_AUGMENT = flags.DEFINE_bool(
     'torch_augment', True, "Augment inside PyTorch's timed step, as koajax "

@@ -46,7 +46,7 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Timed calls per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Rounds.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', -1, 'CPU devices (koajax.runtime); -1: one per core, as '
-    'configs/localizer.py.')
+    'koajax.calibrate chooses for the localiser on a 2-core Xeon.')
 _OUT = flags.DEFINE_string('out', None, 'JSON results file.')
 
 

@@ -49,7 +49,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype of both sides.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', -1, 'CPU devices for koajax (koajax.runtime; -1: one per '
-    'core, as configs/oarsi.py).')
+    'core, as koajax.calibrate chooses for the ResNets on a 2-core Xeon).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time timm + PyTorch.')
 _COMPILE = flags.DEFINE_bool('compile', False,
                              'Also time torch.compile of the PyTorch step.')
