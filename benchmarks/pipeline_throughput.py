@@ -48,6 +48,9 @@ _NUM_KNEES = flags.DEFINE_integer('num_knees', 2000, 'Synthetic cache size.')
 _ROI_PX = flags.DEFINE_integer('roi_px', 400, 'Synthetic cache ROI size.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Pipeline batch size.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts.')
+_THREADS = flags.DEFINE_integer(
+    'read_threads', 0, 'Reading threads per process (0: the pipeline\'s '
+    'default, one per core up to 16).')
 _WARMUP = flags.DEFINE_integer(
     'warmup', 5, 'Untimed batches per iterator, at least the batches the '
     'pipeline holds ready ahead (pipeline.prefetch_batches).')
@@ -89,7 +92,8 @@ def time_pipeline(cache: cache_lib.Cache, workers: int,
   it = pipeline.to_iterator(pipeline.knee_dataset(
       cache, np.arange(len(cache)), view='siamese',
       batch_size=_BATCH.value, seed=0, num_epochs=None,
-      sharding=pipeline.Sharding(0, 1)), worker_count=workers)
+      sharding=pipeline.Sharding(0, 1)), worker_count=workers,
+      read_threads=_THREADS.value or None)
   with contextlib.closing(it):
     next(it)
     first = time.perf_counter() - start
@@ -179,7 +183,8 @@ def main(argv: list[str]) -> None:
              'cpu_count': os.cpu_count(), 'jax': jax.__version__,
              'backend': jax.default_backend(),
              'device': jax.devices()[0].device_kind,
-             'batch_size': _BATCH.value, 'pipeline': [], 'augmentation': []}
+             'batch_size': _BATCH.value, 'read_threads': _THREADS.value,
+             'pipeline': [], 'augmentation': []}
   with tempfile.TemporaryDirectory() as tmp:
     if _CACHE.value:
       cache = cache_lib.open_cache(_CACHE.value)
@@ -188,15 +193,19 @@ def main(argv: list[str]) -> None:
       cache = build_synthetic_cache(tmp, _NUM_KNEES.value, _ROI_PX.value)
       print(f'built {len(cache)} knees at {_ROI_PX.value} px in '
             f'{time.perf_counter() - start:.0f} s')
-    print(f'\n{len(cache)} knees, ROI {cache.meta["roi_px"]} px, Siamese '
-          f'view, batch {_BATCH.value}, {_BATCHES.value} timed batches x '
-          f'{_REPEATS.value} repeats after the warm-up batches\n')
+    # Compressed records (caches built before 2026-12-01) read slower.
+    disk = os.path.getsize(cache.records_path) / len(cache) / 1e3
+    results['record_kb_on_disk'] = disk
+    print(f'\n{len(cache)} knees, ROI {cache.meta["roi_px"]} px ({disk:.0f} '
+          f'kB per record on disk), Siamese view, batch {_BATCH.value}, '
+          f'{_BATCHES.value} timed batches x {_REPEATS.value} repeats after '
+          'the warm-up batches\n')
     print('| workers | knees/s (mean ± sd) | first batch (s) | warm-up '
           'batches |')
     print('|---|---|---|---|')
     for workers in map(int, _WORKERS.value):
-      warmup = max(_WARMUP.value,
-                   pipeline.prefetch_batches(worker_count=workers))
+      warmup = max(_WARMUP.value, pipeline.prefetch_batches(
+          worker_count=workers, read_threads=_THREADS.value or None))
       first, rates = time_pipeline(cache, workers, warmup)
       print(f'| {workers} | {_summary(rates)} | {first:.1f} | {warmup} |',
             flush=True)

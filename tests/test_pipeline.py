@@ -33,6 +33,14 @@ def cache(tmp_path_factory) -> cache_lib.Cache:
   return cache_lib.open_cache(directory)
 
 
+def test_records_are_stored_uncompressed(cache):
+  # The fixture's flat images would shrink to almost nothing under any
+  # compression; uncompressed, the file holds every record's bytes.
+  source = cache.source()
+  record_bytes = sum(len(source[i]) for i in range(len(cache)))
+  assert (cache.dir / cache_lib.RECORDS).stat().st_size >= record_bytes
+
+
 # --- views -------------------------------------------------------------------
 
 

@@ -194,8 +194,12 @@ class CacheWriter:
     self._closed = False
     try:
       self._work = atomic.new_partial(self._target)
+      # One record per chunk for random access, and uncompressed: zstd (the
+      # default) saves a quarter of the disk but its decompression was most
+      # of a record's read and made one reading process 1.7x slower
+      # (benchmarks/README.md, "Input pipeline").
       self._writer = array_record_module.ArrayRecordWriter(
-          str(self._work / RECORDS), 'group_size:1')
+          str(self._work / RECORDS), 'group_size:1,uncompressed')
     except BaseException:  # Ctrl-C included: no partial folder stays
       atomic.discard_own(self._target)
       raise
