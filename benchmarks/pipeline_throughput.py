@@ -49,8 +49,9 @@ _ROI_PX = flags.DEFINE_integer('roi_px', 400, 'Synthetic cache ROI size.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Pipeline batch size.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts.')
 _THREADS = flags.DEFINE_integer(
-    'read_threads', 0, 'Reading threads per process (0: the pipeline\'s '
-    'default, one per core up to 16).')
+    'read_threads', 0, 'Reading threads per process (0: as a training run '
+    'reads, pipeline.reading_processes: one per core up to 16 without '
+    'workers, one or two per worker).')
 _WARMUP = flags.DEFINE_integer(
     'warmup', 5, 'Untimed batches per iterator, at least the batches the '
     'pipeline holds ready ahead (pipeline.prefetch_batches).')
@@ -84,6 +85,12 @@ def _summary(rates: list[float]) -> str:
   return f'{statistics.mean(rates):,.0f} ± {spread:,.0f}'
 
 
+def read_threads(workers: int) -> int | None:
+  """Reading threads per process: the flag's, or a training run's."""
+  return _THREADS.value or pipeline.reading_processes(
+      workers, streams=1, accelerator=True)[1]
+
+
 def time_pipeline(cache: cache_lib.Cache, workers: int,
                   warmup: int) -> tuple[float, list]:
   """(seconds to the first batch, knees/s of each timed repeat after
@@ -93,7 +100,7 @@ def time_pipeline(cache: cache_lib.Cache, workers: int,
       cache, np.arange(len(cache)), view='siamese',
       batch_size=_BATCH.value, seed=0, num_epochs=None,
       sharding=pipeline.Sharding(0, 1)), worker_count=workers,
-      read_threads=_THREADS.value or None)
+      read_threads=read_threads(workers))
   with contextlib.closing(it):
     next(it)
     first = time.perf_counter() - start
@@ -205,11 +212,13 @@ def main(argv: list[str]) -> None:
     print('|---|---|---|---|')
     for workers in map(int, _WORKERS.value):
       warmup = max(_WARMUP.value, pipeline.prefetch_batches(
-          worker_count=workers, read_threads=_THREADS.value or None))
+          worker_count=workers, read_threads=read_threads(workers)))
       first, rates = time_pipeline(cache, workers, warmup)
       print(f'| {workers} | {_summary(rates)} | {first:.1f} | {warmup} |',
             flush=True)
-      results['pipeline'].append({'workers': workers, 'first_batch_s': first,
+      results['pipeline'].append({'workers': workers,
+                                  'read_threads': read_threads(workers),
+                                  'first_batch_s': first,
                                   'warmup_batches': warmup,
                                   'knees_per_s': rates})
       save(results)

@@ -113,7 +113,7 @@ def _check_training(config) -> None:
   _int(config, 'num_epochs', 1)
   _real(config, 'eval_every_epochs', 0.0, strict=True)
   _int(config, 'log_every_steps', 1)
-  _int(config, 'data_workers', 0)
+  _int(config, 'data_workers', -1)  # -1: by the platform
   _int(config, 'cpu_devices', -1)  # -1: one per core
   _int(config, 'bootstrap_resamples', 0)
   _int(config, 'view_size', 0)

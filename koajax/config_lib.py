@@ -107,7 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.method_kwargs = ml_collections.ConfigDict()
   config.seed = 0
   config.data = data_config()
-  config.data_workers = 0  # Grain worker processes per stream
+  # Grain worker processes per stream; -1: none on a CPU, on an
+  # accelerator one per two cores (koajax.data.pipeline.reading_processes).
+  config.data_workers = -1
   # CPU only: split the host into this many devices (koajax.runtime); the
   # batch is sharded over the largest count that divides it. 0: the count
   # measured fastest for this step on this machine (koajax.calibrate, kept

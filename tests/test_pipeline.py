@@ -248,6 +248,44 @@ def test_worker_processes_deliver_the_same_batches(cache):
     restored.close()
 
 
+def test_a_stream_resumes_with_another_worker_count(cache):
+  expected = _indices(_fresh(cache), n=9)
+  plain = _fresh(cache)
+  _indices(plain, n=3)
+  it = _fresh(cache, worker_count=2)
+  try:
+    it.set_state(plain.get_state())
+    np.testing.assert_array_equal(_indices(it, n=3), expected[3:6])
+    state = it.get_state()
+  finally:
+    it.close()
+  plain = _fresh(cache)
+  plain.set_state(state)
+  np.testing.assert_array_equal(_indices(plain, n=3), expected[6:])
+
+
+def test_a_position_saved_by_grains_own_worker_iterator_is_read(cache):
+  # Runs saved the state of Grain's worker iterator itself before.
+  expected = _indices(_fresh(cache), n=8)
+  pipeline._mark_flags_parsed()  # pylint: disable=protected-access
+  ds = pipeline.knee_dataset(cache, np.arange(NUM_KNEES), view='siamese',
+                             batch_size=4, seed=9, num_epochs=None,
+                             sharding=ONE)
+  raw = iter(ds.to_iter_dataset().mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=2)))
+  try:
+    np.testing.assert_array_equal(_indices(raw, n=5), expected[:5])
+    state = raw.get_state()
+  finally:
+    raw.close()
+  assert 'next_index' not in state
+  restored = _fresh(cache)
+  restored.set_state(state)
+  np.testing.assert_array_equal(_indices(restored, n=3), expected[5:])
+  with pytest.raises(ValueError, match='not a saved input pipeline'):
+    restored.set_state({'cursor': 3})
+
+
 def test_eval_batches_cover_every_knee_once(cache):
   batches = _indices(pipeline.eval_batches(cache, np.arange(10),
                                            batch_size=4, sharding=ONE))
@@ -301,3 +339,24 @@ def test_bootstrap_stream_resumes_at_the_next_batch(cache):
   restored = _oversampled(cache, labels.astype(int))
   restored.set_state(state)
   np.testing.assert_array_equal(_indices(restored, n=6), expected)
+
+
+def test_reading_processes_by_platform():
+  # A CPU run reads in its own process; an accelerator run gets a worker
+  # per two cores less the loop's, shared by its streams, capped.
+  assert pipeline.reading_processes(-1, streams=2, accelerator=False,
+                                    cores=16) == (0, None)
+  assert pipeline.reading_processes(-1, streams=2, accelerator=True,
+                                    cores=16) == (3, 2)
+  assert pipeline.reading_processes(-1, streams=1, accelerator=True,
+                                    cores=16) == (7, 2)
+  assert pipeline.reading_processes(-1, streams=1, accelerator=True,
+                                    cores=96) == (pipeline.MAX_AUTO_WORKERS,
+                                                  2)
+  assert pipeline.reading_processes(-1, streams=2, accelerator=True,
+                                    cores=2) == (1, 1)
+  # What the config asks for is what it gets, on any platform.
+  assert pipeline.reading_processes(0, streams=1, accelerator=True,
+                                    cores=16) == (0, None)
+  assert pipeline.reading_processes(2, streams=2, accelerator=False,
+                                    cores=2) == (2, 1)

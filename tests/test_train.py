@@ -97,6 +97,20 @@ def test_resumed_run_ends_like_an_uninterrupted_one(supervised_run, data_root,
   assert ma['metrics'] == mb['metrics']
 
 
+def test_worker_processes_train_like_the_main_process(supervised_run,
+                                                     data_root, tmp_path):
+  """Reading in worker processes (an accelerator's default) gives the run
+  the same batches: the same weights as reading in the main process."""
+  config, one_dir = supervised_run
+  assert json.loads((one_dir / 'plan.json').read_text())['data_workers'] == 0
+  config = copy.deepcopy(config)
+  config.data_workers = 1
+  train.train_and_evaluate(config, tmp_path)
+  assert json.loads((tmp_path / 'plan.json').read_text())['data_workers'] == 1
+  jax.tree.map(np.testing.assert_array_equal, _params(one_dir, config),
+               _params(tmp_path, config))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

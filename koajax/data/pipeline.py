@@ -33,7 +33,9 @@ uninterrupted one would have.
 
 Iterators are Grain `DatasetIterator`s: `get_state()` / `set_state()`, and
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside an
-Orbax `CheckpointManager` save, resume at exactly the next batch.
+Orbax `CheckpointManager` save, resume at exactly the next batch. The state
+is the index of the next batch, whatever the worker count, so a run resumes
+with another count (a run moved from a CPU to an accelerator host).
 
 Worker processes start by spawn, so a script that asks for workers needs an
 `if __name__ == '__main__':` guard.
@@ -41,7 +43,7 @@ Worker processes start by spawn, so a script that asks for workers needs an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import os
 from typing import Any
@@ -324,6 +326,40 @@ def _read_threads(read_threads: int | None) -> int:
   return read_threads or min(16, os.cpu_count() or 1)
 
 
+# Worker processes per stream an accelerator run gets at most.
+MAX_AUTO_WORKERS = 8
+
+
+def reading_processes(data_workers: int, *, streams: int, accelerator: bool,
+                      cores: int | None = None) -> tuple[int, int | None]:
+  """(worker processes per stream, reading threads per process) for a
+  training run's `data_workers` (-1: chosen here).
+
+  A process reads a few thousand knees/s however many threads it has (most
+  of a knee is Python work under the GIL), and worker processes add up
+  (benchmarks/README.md, "Input pipeline"). On a CPU the train step
+  consumes a small share of what one process reads, so -1 means none:
+  workers would cost start-up and memory for nothing. On an accelerator one
+  process can fall short of the step (an H200 takes about 3,800 knees/s in
+  the Semixup step at batch 256), so -1 means one worker per two cores,
+  less the training loop's core, shared among the streams (at least one,
+  at most `MAX_AUTO_WORKERS` each). With workers, each reads with the
+  cores' share per worker, one or two threads (a process's threads share
+  its GIL: the Siamese view reads fastest with one, the whole-ROI views,
+  whose resizes release it, with two), rather than one thread per core
+  each; without workers, None: the default, one per core.
+  """
+  cores = cores or os.cpu_count() or 1
+  if data_workers < 0:
+    data_workers = (0 if not accelerator else
+                    max(1, min(MAX_AUTO_WORKERS,
+                               (cores - 1) // (2 * max(1, streams)))))
+  if not data_workers:
+    return 0, None
+  return data_workers, max(1, min(2, cores // (data_workers
+                                             * max(1, streams))))
+
+
 def prefetch_batches(*, worker_count: int = 0, worker_buffer_size: int = 2,
                      read_threads: int | None = None) -> int:
   """How many batches `to_iterator` with these arguments can hold ready
@@ -334,6 +370,59 @@ def prefetch_batches(*, worker_count: int = 0, worker_buffer_size: int = 2,
   if worker_count == 0:
     return per_process
   return worker_count * (per_process + worker_buffer_size)
+
+
+class _Positioned(grain.DatasetIterator):
+  """An iterator over a MapDataset whose state is where it is in it.
+
+  Grain's own state depends on how the elements are read (with worker
+  processes it is the state of each worker's share), so a run saved with
+  one worker count could not resume with another: with a CPU and an
+  accelerator choosing different counts, a run moved between them. Here
+  the state is the index of the next element, as a plain iterator's, and
+  restoring it reads on from there (`ds[i:]`) however it is read.
+  """
+
+  def __init__(self, ds: grain.MapDataset,
+               open_at: Callable[[grain.MapDataset], grain.DatasetIterator]):
+    super().__init__()
+    self._ds = ds
+    self._open = open_at
+    self._next = 0
+    self._it = open_at(ds)
+
+  def __next__(self) -> Any:
+    element = next(self._it)
+    self._next += 1
+    return element
+
+  def get_state(self) -> dict[str, int]:
+    return {'next_index': self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    position = _position(state)
+    if position != self._next:
+      self._it.close()
+      self._it = self._open(self._ds[position:] if position else self._ds)
+      self._next = position
+
+  def start_prefetch(self) -> None:
+    self._it.start_prefetch()
+
+  def close(self) -> None:
+    self._it.close()
+    super().close()
+
+
+def _position(state: dict[str, Any]) -> int:
+  """Elements consumed, from a plain iterator's state or from the state
+  Grain's worker processes saved (runs before `_Positioned`): each worker
+  reads every W-th element, so the consumed ones are the sum of theirs."""
+  if 'next_index' in state:
+    return int(state['next_index'])
+  if 'iterators_in_use_states' in state:
+    return sum(int(s['next_index']) for s in state['iterators_in_use_states'])
+  raise ValueError(f'not a saved input pipeline position: {sorted(state)}')
 
 
 def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
@@ -350,16 +439,21 @@ def to_iterator(ds: grain.MapDataset, *, worker_count: int = 0,
       one per core, at most 16).
   """
   threads = _read_threads(read_threads)
-  # Grain's default buffer is 500 elements, here whole batches: thousands of
-  # knees decoded ahead at every start, on the cores that compile and run the
-  # first steps. Two batches per thread keep every thread busy.
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=2 * threads))
-  if worker_count > 0:
-    _mark_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-  return iter(it_ds)
+
+  def open_at(part: grain.MapDataset) -> grain.DatasetIterator:
+    # Grain's default buffer is 500 elements, here whole batches: thousands
+    # of knees decoded ahead at every start, on the cores that compile and
+    # run the first steps. Two batches per thread keep every thread busy.
+    it_ds = part.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=2 * threads))
+    if worker_count > 0:
+      _mark_flags_parsed()
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=worker_count,
+          per_worker_buffer_size=worker_buffer_size))
+    return iter(it_ds)
+
+  return _Positioned(ds, open_at)
 
 
 def make_streams(cache: cache_lib.Cache, *,

@@ -88,7 +88,7 @@ def adaptations(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 def describe(config: ml_collections.ConfigDict, *, task: str,
              splits: split_recipes.Splits, streams: tuple[str, ...],
              steps_per_epoch: int, total_steps: int, mesh_size: int,
-             cache_dir: str | Path) -> dict[str, Any]:
+             cache_dir: str | Path, data_workers: int = 0) -> dict[str, Any]:
   """The plan of a training run, as JSON-ready values."""
   eval_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
   data = config.data
@@ -110,6 +110,7 @@ def describe(config: ml_collections.ConfigDict, *, task: str,
       'batch_size': config.batch_size,
       'devices': {'platform': jax.devices()[0].platform,
                   'count': jax.device_count(), 'used': mesh_size},
+      'data_workers': data_workers,  # reading processes per stream
   }
 
 
@@ -131,6 +132,8 @@ def log_plan(plan: dict[str, Any]) -> None:
            plan['steps'], plan['batch_size'], plan['evaluations'],
            plan['devices']['used'], plan['devices']['count'],
            plan['devices']['platform'])
+  if plan.get('data_workers'):
+    log.info('Input: %d reading processes per stream', plan['data_workers'])
 
 
 def estimate(plan: dict[str, Any], seconds_per_step: float,

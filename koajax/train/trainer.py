@@ -237,6 +237,9 @@ class Trainer:
     self._params_max_abs = jax.jit(lambda params: jnp.max(jnp.stack(
         [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params)])))
     self._first_loss = None
+    workers, threads = pipeline.reading_processes(
+        config.data_workers, streams=len(streams),
+        accelerator=jax.default_backend() != 'cpu')
     self.streams = pipeline.make_streams(
         self.cache, labeled=self.splits.labeled,
         unlabeled=(self.splits.unlabeled if 'unlabeled' in streams
@@ -245,12 +248,13 @@ class Trainer:
         batch_size=config.batch_size,
         unlabeled_batch_size=batch_sizes['unlabeled'], seed=config.seed,
         oversample=oversample, num_epochs=None,
-        worker_count=config.data_workers)
+        worker_count=workers, read_threads=threads)
     self.ckpts = checkpoints_lib.Checkpoints(self.workdir, selection)
     self.plan = plan_lib.describe(
         config, task=self.task.name, splits=self.splits, streams=streams,
         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-        mesh_size=self.mesh.size, cache_dir=self.cache.dir)
+        mesh_size=self.mesh.size, cache_dir=self.cache.dir,
+        data_workers=workers)
     if source:
       self.plan['config'] = source
     if jax.process_index() == 0:
