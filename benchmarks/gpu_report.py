@@ -191,6 +191,11 @@ def markdown(machine: dict, peak: float | None, steps: list[dict],
         f"{_f(s.get('koajax_tflop_s'), '.2f')} | "
         f"{_f(s.get('peak_share'), '.1%')} | "
         f"{_f(s.get('koajax_compile_s'), '.1f')} |")
+  if steps:
+    lines += ['', 'koajax compile s: trace, lower and compile; the stages '
+              'share one compilation cache, so a program a stage before '
+              'compiled (the Semixup step against torch.compile) is read '
+              'from it.']
   if mc:
     st = mc[0]['settings']
     lines += ['', f"## MC-dropout sweep (pool {st['pool']}, T = "
