@@ -26,6 +26,7 @@
 #                 last stages may be skipped)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/stages.sh
 
 dry=0
 if [[ "${1:-}" == "--dry" ]]; then dry=1; shift; fi
@@ -36,33 +37,6 @@ budget="${GPU_BUDGET_S:-600}"
 start=$SECONDS
 failed=0
 printf 'stage\toutcome\tseconds\n' > "$out/stages.tsv"
-
-stage() {  # stage NAME LIMIT_S COMMAND...: one benchmark, its log in OUT
-  local name=$1 limit=$2; shift 2
-  local left=$((budget - (SECONDS - start))) t0=$SECONDS rc=0 outcome=ok
-  (( dry )) && left=$limit
-  if (( left < 30 )); then
-    echo "== $name skipped: ${left} s of the ${budget} s budget left"
-    printf '%s\tskipped\t0\n' "$name" >> "$out/stages.tsv"
-    return
-  fi
-  (( limit > left )) && limit=$left
-  echo "== $name (at most $limit s): $*"
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1 || rc=$?
-  if (( rc == 124 || rc == 137 )); then
-    outcome=timed_out
-  elif (( rc != 0 )); then
-    outcome=failed
-  fi
-  printf '%s\t%s\t%d\n' "$name" "$outcome" $((SECONDS - t0)) >> "$out/stages.tsv"
-  if [[ $outcome != ok ]]; then
-    failed=1
-    echo "== $name $outcome after $((SECONDS - t0)) s; the end of its log:"
-    tail -15 "$out/$name.log"
-  else
-    echo "== $name: $((SECONDS - t0)) s"
-  fi
-}
 
 if (( dry )); then
   # One CPU device, tiny networks and batches, the PyTorch sides off. The

@@ -5,8 +5,12 @@ points against the view the pipeline cuts, the selection checkpoints,
 a localiser: a build without landmarks finds the synthetic knees and refuses
 real chest and extremity radiographs."""
 
+import csv
 import json
+import os
 from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -192,3 +196,38 @@ def test_a_build_without_landmarks_localises_knees_and_refuses_chests(
   assert summary['knees_localised'] == len(cache) >= 0.8 * len(frame)
   assert 'SINGLE_v' in ' '.join(cache.index['knee_id'])
   assert summary['localizer'] == str(localizer)
+
+
+def test_the_gpu_localizer_script_dry_runs_and_reports(localizer, tmp_path):
+  """benchmarks/gpu_localizer.sh --dry with this localiser (so it does not
+  train): films of another seed, both stages on them, the two builds; its
+  report recomputed from what the stages wrote."""
+  out, work = tmp_path / 'out', tmp_path / 'work'
+  env = {**os.environ, 'PYTHON': sys.executable, 'LOCALIZER': str(localizer),
+         'WORK_DIR': str(work)}
+  result = subprocess.run(
+      ['bash', str(REPO / 'benchmarks' / 'gpu_localizer.sh'), '--dry',
+       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  with open(out / 'stages.tsv', newline='') as f:
+    assert [(r['stage'], r['outcome']) for r in
+            csv.DictReader(f, delimiter='\t')] == [
+                (name, 'ok') for name in ('films', 'localize',
+                                          'build_landmarks', 'build_localizer')]
+  report = json.loads((out / 'localizer.json').read_text())
+  for name in ('coarse', 'fine'):
+    metrics = json.loads((localizer / name / 'metrics.json').read_text())
+    stage = report['stages'][name]
+    assert stage['centre'] == metrics['centre']
+    assert stage['centre_target_met'] == (
+        metrics['centre']['within_2mm'] >= 0.95 and metrics['outliers'] == 0)
+  films = json.loads((out / 'localize_films.json').read_text())['results'][0]
+  assert report['films']['films_per_second'] == films['films_per_second'] > 0
+  assert films['knees'] == 2 * films['films']  # bilateral synthetic films
+  seconds = [json.loads((work / c / 'summary.json').read_text())['seconds']
+             for c in ('cache-landmarks', 'cache-localizer')]
+  assert report['build']['ratio'] == pytest.approx(seconds[1] / seconds[0])
+  assert report['build']['localised']['knees_localised'] > 0
+  assert report['build']['with_landmarks']['knees_localised'] == 0
+  assert '| through the localiser |' in (out / 'localizer.md').read_text()
