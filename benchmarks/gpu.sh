@@ -28,15 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/stages.sh
 
-dry=0
-if [[ "${1:-}" == "--dry" ]]; then dry=1; shift; fi
-out="${1:-/tmp/koajax-gpu}"
-mkdir -p "$out"
-py="${PYTHON:-python}"
-budget="${GPU_BUDGET_S:-600}"
-start=$SECONDS
-failed=0
-printf 'stage\toutcome\tseconds\n' > "$out/stages.tsv"
+stages_begin /tmp/koajax-gpu "$@"
 
 if (( dry )); then
   # One CPU device, tiny networks and batches, the PyTorch sides off. The

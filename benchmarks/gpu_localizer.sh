@@ -24,17 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/stages.sh
 
-dry=0
-if [[ "${1:-}" == "--dry" ]]; then dry=1; shift; fi
-out="${1:-/tmp/koajax-gpu-localizer}"
+stages_begin /tmp/koajax-gpu-localizer "$@"
 work="${WORK_DIR:-${TMPDIR:-/tmp}/koajax-gpu-localizer-work}"
-mkdir -p "$out" "$work"
-py="${PYTHON:-python}"
-budget="${GPU_BUDGET_S:-600}"
+mkdir -p "$work"
 cores=$(nproc)
-start=$SECONDS
-failed=0
-printf 'stage\toutcome\tseconds\n' > "$out/stages.tsv"
 
 if (( dry )); then
   export JAX_PLATFORMS=cpu

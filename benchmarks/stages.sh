@@ -1,5 +1,10 @@
 # Sourced by the GPU benchmark scripts (gpu.sh, gpu_localizer.sh).
 #
+# `stages_begin DEFAULT_OUT "$@"` reads the scripts' arguments, [--dry]
+# [OUT], and sets dry (1 with --dry), out (OUT or DEFAULT_OUT, made), py
+# ($PYTHON or python), budget ($GPU_BUDGET_S or 600 s), start and failed,
+# and starts $out/stages.tsv.
+#
 # `stage NAME LIMIT_S COMMAND...` runs one stage in its own process, its log
 # in $out/NAME.log, cut at LIMIT_S or at what is left of $budget seconds
 # since $start (unless $dry), and appends its outcome and seconds to
@@ -31,4 +36,17 @@ stage() {  # stage NAME LIMIT_S COMMAND...: above
   else
     echo "== $name: $((SECONDS - t0)) s"
   fi
+}
+
+stages_begin() {
+  local default=$1; shift
+  dry=0
+  if [[ "${1:-}" == "--dry" ]]; then dry=1; shift; fi
+  out="${1:-$default}"
+  mkdir -p "$out"
+  py="${PYTHON:-python}"
+  budget="${GPU_BUDGET_S:-600}"
+  start=$SECONDS
+  failed=0
+  printf 'stage\toutcome\tseconds\n' > "$out/stages.tsv"
 }
