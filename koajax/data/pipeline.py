@@ -416,8 +416,9 @@ class _Positioned(grain.DatasetIterator):
 
 def _position(state: dict[str, Any]) -> int:
   """Elements consumed, from a plain iterator's state or from the state
-  Grain's worker processes saved (runs before `_Positioned`): each worker
-  reads every W-th element, so the consumed ones are the sum of theirs."""
+  of Grain's worker iterator (what runs with workers saved before
+  `_Positioned`): each worker reads every W-th element, so the consumed
+  ones are the sum of theirs."""
   if 'next_index' in state:
     return int(state['next_index'])
   if 'iterators_in_use_states' in state:
