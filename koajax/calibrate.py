@@ -199,6 +199,19 @@ def cpu_devices(config: ml_collections.ConfigDict, *, force: bool = False,
   return chosen
 
 
+def configure_host(config: ml_collections.ConfigDict, *,
+                   distributed: bool = False) -> None:
+  """A run config's `cpu_devices` and `compilation_cache`, before JAX starts.
+
+  `cpu_devices` 0 (and configs saved before the field existed) is the count
+  measured on this machine for the run's step (`resolve`); in a
+  multi-process run (`distributed`), one device per core.
+  """
+  from koajax import runtime
+  runtime.enable_compilation_cache(config.get('compilation_cache', ''))
+  runtime.configure_cpu_devices(resolve(config, distributed=distributed))
+
+
 def resolve(config: ml_collections.ConfigDict, *,
             distributed: bool = False) -> int:
   """`config.cpu_devices` as `runtime.configure_cpu_devices` takes it: 0

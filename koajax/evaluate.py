@@ -83,8 +83,9 @@ def evaluate(workdirs: str | Path | Sequence[str | Path], *,
                        'knees; it takes no --cache')
     return _out_of_fold(workdirs, checkpoint=checkpoint, out=out, **predict)
   config = config_lib.load_run_config(workdirs[0])
+  from koajax import calibrate
   from koajax import runtime
-  runtime.configure_host(config)
+  calibrate.configure_host(config)
   import jax
   import numpy as np
   from koajax import tasks
@@ -149,8 +150,9 @@ def _out_of_fold(workdirs: Sequence[str | Path], *, checkpoint: str,
                  out: str | Path | None, **predict) -> dict[str, Any]:
   """One report of every run's predictions on its own validation knees."""
   configs = [config_lib.load_run_config(w) for w in workdirs]
+  from koajax import calibrate
   from koajax import runtime
-  runtime.configure_host(configs[0])
+  calibrate.configure_host(configs[0])
   import jax
   import numpy as np
   from koajax import tasks

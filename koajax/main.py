@@ -46,9 +46,10 @@ def main(argv):
     prepare.prepare_data(config, _WORKDIR.value)
   elif config.job in ('train', 'active_learning'):
     # Both before JAX creates its backends.
+    from koajax import calibrate
     from koajax import runtime
     distributed = bool(_DISTRIBUTED.value or _COORDINATOR.value)
-    runtime.configure_host(config, distributed=distributed)
+    calibrate.configure_host(config, distributed=distributed)
     if distributed:
       runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)

@@ -39,12 +39,12 @@ def configure_cpu_devices(count: int) -> None:
 
   `count` 0 keeps JAX's default (one device, or what XLA_FLAGS forces);
   -1 is one device per core this process may use (`cores`); a run config
-  that leaves it at 0 measures it (`configure_host`). A network of
-  large convolutions (the ResNets) keeps a core busy with one device's share
-  of the batch, and smaller shares only add overhead (ResNet-18 at 128 px,
-  batch 32, on a 2-core AMD EPYC: 1.08 s per step on 1 device, 0.60 s on 2,
-  0.73 s on 4, 2.60 s on 32). Accelerators are untouched: on a GPU machine the GPUs stay the default
-  devices. Once JAX has created its backends the count can no longer change;
+  that leaves it at 0 measures it (`koajax.calibrate.configure_host`). A
+  network of large convolutions (the ResNets) keeps a core busy with one
+  device's share of the batch, and smaller shares only add overhead
+  (ResNet-18 at 128 px, batch 32, on a 2-core AMD EPYC: 1.08 s per step on 1
+  device, 0.60 s on 2, 0.73 s on 4, 2.60 s on 32). Accelerators are
+  untouched: on a GPU machine the GPUs stay the default devices. Once JAX has created its backends the count can no longer change;
   then this logs what it found and returns.
   """
   if count < 0:
@@ -73,18 +73,6 @@ def enable_compilation_cache(directory: str) -> None:
   path = os.path.expanduser(directory)
   os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
-
-
-def configure_host(config, *, distributed: bool = False) -> None:
-  """A run config's `cpu_devices` and `compilation_cache`, before JAX starts.
-
-  `cpu_devices` 0 (and configs saved before the field existed) is the count
-  measured on this machine for the run's step (`koajax.calibrate`); in a
-  multi-process run (`distributed`), one device per core.
-  """
-  from koajax import calibrate  # pylint: disable=import-outside-toplevel
-  enable_compilation_cache(config.get('compilation_cache', ''))
-  configure_cpu_devices(calibrate.resolve(config, distributed=distributed))
 
 
 def initialize_distributed(coordinator_address: str | None = None,

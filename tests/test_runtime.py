@@ -12,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROGRAM = textwrap.dedent('''
     import sys
     import ml_collections
-    from koajax import runtime
-    runtime.configure_host(
+    from koajax import calibrate
+    calibrate.configure_host(
         ml_collections.ConfigDict({'compilation_cache': sys.argv[1]}))
     import jax
     import jax.numpy as jnp

@@ -178,10 +178,10 @@ def sweep(workdir: str | Path, *, checkpoint: str = 'best',
           chunk_size: int = 64, top_k: int = 32, rank_by: str = 'bald',
           seed: int = 0, out=None) -> pd.DataFrame:
   """Runs the sweep and writes scores.csv and the figures; returns the table."""
+  from koajax import calibrate
   from koajax import config_lib
-  from koajax import runtime
   config = config_lib.load_run_config(workdir)
-  runtime.configure_host(config)
+  calibrate.configure_host(config)
   import jax
   import tqdm
   from koajax import tasks
