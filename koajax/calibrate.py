@@ -94,12 +94,10 @@ def step_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def candidates(cores: int, batch_size: int) -> list[int]:
   """Device counts worth measuring, largest first: one per core, 4 and 16
   per core, each as the mesh would use it (the largest count that divides
-  the batch, `runtime.data_mesh`)."""
-  counts = set()
-  for n in (16 * cores, 4 * cores, cores):
-    n = min(n, batch_size)
-    counts.add(max(d for d in range(1, n + 1) if batch_size % d == 0))
-  return sorted(counts, reverse=True)
+  the batch, `runtime.mesh_size`)."""
+  from koajax import runtime
+  return sorted({runtime.mesh_size(n, batch_size)
+                 for n in (16 * cores, 4 * cores, cores)}, reverse=True)
 
 
 def _accelerator_installed() -> bool:

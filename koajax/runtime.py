@@ -105,6 +105,12 @@ def process_zero_first(fn: Callable[[], T], name: str) -> T:
   return result if jax.process_index() == 0 else fn()
 
 
+def mesh_size(devices: int, *batch_sizes: int) -> int:
+  """The most of `devices` that divide every batch size evenly."""
+  g = math.gcd(*batch_sizes)
+  return max(d for d in range(1, devices + 1) if g % d == 0)
+
+
 def data_mesh(*batch_sizes: int) -> jax.sharding.Mesh:
   """A one-axis ('data') mesh whose size divides every batch size.
 
@@ -122,8 +128,6 @@ def data_mesh(*batch_sizes: int) -> jax.sharding.Mesh:
             f'{len(devices)}')
     n = len(devices)
   else:
-    g = math.gcd(*batch_sizes)
-    n = max(d for d in range(1, len(devices) + 1)
-            if g % d == 0)
+    n = mesh_size(len(devices), *batch_sizes)
   return jax.make_mesh((n,), ('data',), devices=devices[:n],
                        axis_types=(jax.sharding.AxisType.Auto,))
